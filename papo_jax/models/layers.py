@@ -1,0 +1,82 @@
+"""Building blocks shared by the vision tower and the decoder (HF's numerics, logical axes)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_INIT_STD = 0.02
+
+
+def param(rngs: nnx.Rngs | None, shape: Sequence[int], dtype, axes: Sequence[str | None], init: str = "normal") -> nnx.Param:
+  """A parameter carrying its logical axis names (see papo_jax.parallel)."""
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  elif init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel (+ bias); kernel is [in, out] (HF's weight transposed)."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: tuple[str | None, str | None],
+               dtype, param_dtype, rngs: nnx.Rngs):
+    self.kernel = param(rngs, (in_features, out_features), param_dtype, axes)
+    self.bias = param(rngs, (out_features,), param_dtype, (axes[1],), init="zeros") if use_bias else None
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.dot(x.astype(self.dtype), self.kernel.get_value().astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias.get_value().astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """HF RMSNorm: normalise in float32, cast back to the input dtype, *then* scale."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype, axis_name: str = "norm"):
+    self.weight = param(None, (dim,), param_dtype, (axis_name,), init="ones")
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    y = y.astype(x.dtype)
+    return self.weight.get_value().astype(x.dtype) * y
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+  half = x.shape[-1] // 2
+  return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """NeoX-style rotation (pairs i and i + d/2); cos/sin broadcast against x."""
+  return x * cos + rotate_half(x) * sin
+
+
+NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def softmax_attention(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_BxLxS: jax.Array,
+                      scale: float) -> jax.Array:
+  """Masked softmax attention with grouped KV heads; softmax in float32.
+
+  Rows whose keys are all masked get uniform weights (finite, like HF) instead of NaN.
+  Returns [B, L, H, D] in q's dtype.
+  """
+  b, l, h, d = q_BxLxHxD.shape
+  kvh = k_BxSxKxD.shape[2]
+  q = q_BxLxHxD.reshape(b, l, kvh, h // kvh, d)
+  scores = jnp.einsum("blkgd,bskd->bkgls", q, k_BxSxKxD, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask_BxLxS[:, None, None, :, :], scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
+  out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxD)
+  return out.reshape(b, l, h, d)

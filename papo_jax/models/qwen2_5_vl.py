@@ -1,0 +1,227 @@
+"""Qwen2.5-VL (vision tower + Qwen2 decoder) in Flax NNX, numerically matching transformers.
+
+Call it like transformers' model::
+
+    logits_BxLxV = model(input_ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid)
+
+For RL, :meth:`Qwen25VL.hidden_states` returns the final normed hidden states and
+:meth:`Qwen25VL.logits` projects any slice of them, so log-probs can be computed in
+chunks without materialising [B, L, V] float32 logits. Decoding uses a preallocated
+KV cache (:meth:`Qwen25VL.init_cache`) written at ``cache_index``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from papo_jax.models.config import ModelConfig, TextConfig
+from papo_jax.models.layers import Dense, RMSNorm, apply_rope, param, softmax_attention
+from papo_jax.models.positions import check_image_tokens, get_rope_index
+from papo_jax.models.vision import VisionTower
+from papo_jax.parallel import constrain
+
+
+class KVCache(NamedTuple):
+  """Per-layer key/value caches [num_layers, B, S, KVH, D]."""
+  k: jax.Array
+  v: jax.Array
+
+
+def mrope_cos_sin(position_ids_3xBxL: jax.Array, cfg: TextConfig, dtype):
+  """Chunked multimodal RoPE: frequency j reads row T, H or W by ``mrope_section``.
+
+  cos/sin are computed in float32 and cast to the activation dtype (as HF does).
+  Returns cos, sin of shape [B, L, head_dim].
+  """
+  half = cfg.head_dim // 2
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / cfg.head_dim))
+  owner = jnp.concatenate([jnp.full((s,), i, jnp.int32) for i, s in enumerate(cfg.mrope_section)])
+  pos = position_ids_3xBxL.astype(jnp.float32)[owner]            # [half, B, L]
+  ang = jnp.moveaxis(pos, 0, -1) * inv_freq                        # [B, L, half]
+  emb = jnp.concatenate([ang, ang], -1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs):
+    d, h, kvh, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = Dense(d, h * hd, use_bias=True, axes=("embed", "heads"), **kw)
+    self.k_proj = Dense(d, kvh * hd, use_bias=True, axes=("embed", "kv_heads"), **kw)
+    self.v_proj = Dense(d, kvh * hd, use_bias=True, axes=("embed", "kv_heads"), **kw)
+    self.o_proj = Dense(h * hd, d, use_bias=False, axes=("heads", "embed"), **kw)
+    self.h, self.kvh, self.hd = h, kvh, hd
+
+  def __call__(self, x_BxLxD, cos, sin, mask_BxLxS, cache_kv=None, cache_index=None):
+    b, l, _ = x_BxLxD.shape
+    q = self.q_proj(x_BxLxD).reshape(b, l, self.h, self.hd)
+    k = self.k_proj(x_BxLxD).reshape(b, l, self.kvh, self.hd)
+    v = self.v_proj(x_BxLxD).reshape(b, l, self.kvh, self.hd)
+    q = apply_rope(q, cos[:, :, None, :], sin[:, :, None, :])
+    k = apply_rope(k, cos[:, :, None, :], sin[:, :, None, :])
+    if cache_kv is not None:
+      k_cache, v_cache = cache_kv
+      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+      new_cache = (k, v)
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
+    else:
+      new_cache = None
+    out = softmax_attention(q, k, v, mask_BxLxS, self.hd ** -0.5)
+    return self.o_proj(out.reshape(b, l, self.h * self.hd)), new_cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs):
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = Dense(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
+    self.up_proj = Dense(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
+    self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
+    h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, cache_index)
+    x = x + h
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return constrain(x, ("batch", "length", "embed")), new_cache
+
+
+class TextModel(nnx.Module):
+
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs):
+    self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                  embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.embed_tokens.embedding.set_metadata("logical_axes", ("vocab", "embed"))
+    self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                            for _ in range(cfg.num_hidden_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+class Qwen25VL(nnx.Module):
+  """Qwen2_5_VLForConditionalGeneration. Attribute names mirror the official checkpoint keys."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    dtype, pdtype = _dtype(config.dtype), _dtype(config.param_dtype)
+    self.config = config
+    self.visual = VisionTower(config.vision, dtype=dtype, param_dtype=pdtype, remat=config.remat, rngs=rngs)
+    self.model = TextModel(config.text, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+    if config.tie_word_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = Dense(config.text.hidden_size, config.text.vocab_size, use_bias=False, axes=("embed", "vocab"),
+                           dtype=dtype, param_dtype=pdtype, rngs=rngs)
+    self.dtype = dtype
+
+  # -- pieces ---------------------------------------------------------------------------
+
+  def embed(self, input_ids_BxL, pixel_values_NxP=None, image_grid_thw_Ix3=None):
+    """Token embeddings with image features scattered into the ``<|image_pad|>`` positions."""
+    cfg = self.config
+    x = self.model.embed_tokens(input_ids_BxL).astype(self.dtype)
+    if pixel_values_NxP is None:
+      return x
+    if not isinstance(input_ids_BxL, jax.core.Tracer) and not isinstance(image_grid_thw_Ix3, jax.core.Tracer):
+      check_image_tokens(input_ids_BxL, image_grid_thw_Ix3, image_token_id=cfg.image_token_id,
+                         spatial_merge_size=cfg.vision.spatial_merge_size)
+    feats = self.visual(pixel_values_NxP, image_grid_thw_Ix3).astype(x.dtype)
+    is_img = input_ids_BxL == cfg.image_token_id
+    idx = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, feats.shape[0] - 1).reshape(is_img.shape)
+    return jnp.where(is_img[..., None], feats[idx], x)
+
+  def positions(self, input_ids_BxL, image_grid_thw_Ix3=None, attention_mask_BxL=None):
+    """(position_ids [3, B, L], rope_deltas [B, 1]) as transformers' get_rope_index."""
+    return get_rope_index(input_ids_BxL, image_grid_thw_Ix3, attention_mask_BxL,
+                          image_token_id=self.config.image_token_id,
+                          spatial_merge_size=self.config.vision.spatial_merge_size)
+
+  def decode_layers(self, x_BxLxD, position_ids_3xBxL, mask_BxLxS, cache: KVCache | None = None, cache_index=None):
+    """Runs the decoder stack; returns (final normed hidden [B, L, D], new cache or None)."""
+    cos, sin = mrope_cos_sin(position_ids_3xBxL, self.config.text, x_BxLxD.dtype)
+    x = constrain(x_BxLxD, ("batch", "length", "embed"))
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.model.layers):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      if self.config.remat and cache is None:
+        x, _ = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, cos, sin, mask_BxLxS)
+      else:
+        x, kv = layer(x, cos, sin, mask_BxLxS, kv, cache_index)
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    x = self.model.norm(x)
+    return x, (None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v)))
+
+  def logits(self, hidden_BxLxD, dtype=None):
+    """lm_head (tied to the embedding when configured); ``dtype`` sets the output precision."""
+    out_dtype = hidden_BxLxD.dtype if dtype is None else dtype
+    if self.lm_head is None:
+      w = self.model.embed_tokens.embedding.get_value().astype(hidden_BxLxD.dtype)   # [V, D]
+      return jnp.einsum("bld,vd->blv", hidden_BxLxD, w, preferred_element_type=out_dtype).astype(out_dtype)
+    w = self.lm_head.kernel.get_value().astype(hidden_BxLxD.dtype)                  # [D, V]
+    return jnp.einsum("bld,dv->blv", hidden_BxLxD, w, preferred_element_type=out_dtype).astype(out_dtype)
+
+  # -- full forward -----------------------------------------------------------------------
+
+  def hidden_states(self, input_ids_BxL, attention_mask_BxL=None, pixel_values_NxP=None, image_grid_thw_Ix3=None,
+                    position_ids_3xBxL=None):
+    """Final normed hidden states [B, L, D] for a whole (left-padded) sequence, causal."""
+    b, l = input_ids_BxL.shape
+    if attention_mask_BxL is None:
+      attention_mask_BxL = jnp.ones((b, l), jnp.int32)
+    if position_ids_3xBxL is None:
+      position_ids_3xBxL, _ = self.positions(input_ids_BxL, image_grid_thw_Ix3, attention_mask_BxL)
+    x = self.embed(input_ids_BxL, pixel_values_NxP, image_grid_thw_Ix3)
+    causal = jnp.tril(jnp.ones((l, l), bool))
+    mask = causal[None] & attention_mask_BxL.astype(bool)[:, None, :]
+    h, _ = self.decode_layers(x, position_ids_3xBxL, mask)
+    return h
+
+  def __call__(self, input_ids_BxL, attention_mask_BxL=None, pixel_values_NxP=None, image_grid_thw_Ix3=None,
+               position_ids_3xBxL=None, *, attention_mask=None, pixel_values=None, image_grid_thw=None,
+               position_ids=None):
+    """logits [B, L, V] in the compute dtype (keyword names as in transformers are accepted)."""
+    am = attention_mask_BxL if attention_mask is None else attention_mask
+    pv = pixel_values_NxP if pixel_values is None else pixel_values
+    grid = image_grid_thw_Ix3 if image_grid_thw is None else image_grid_thw
+    pos = position_ids_3xBxL if position_ids is None else position_ids
+    return self.logits(self.hidden_states(input_ids_BxL, am, pv, grid, pos))
+
+  # -- KV cache -------------------------------------------------------------------------
+
+  def init_cache(self, batch: int, length: int, dtype=jnp.bfloat16) -> KVCache:
+    t = self.config.text
+    shape = (t.num_hidden_layers, batch, length, t.num_key_value_heads, t.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+  def forward_cached(self, x_BxLxD, position_ids_3xBxL, kv_mask_BxS, cache: KVCache, cache_index):
+    """Runs L new tokens (embeddings) at cache slots [cache_index, cache_index + L).
+
+    ``kv_mask_BxS`` marks which cache slots hold real tokens (after this write);
+    queries attend causally by slot. Returns (hidden [B, L, D], new cache).
+    """
+    l = x_BxLxD.shape[1]
+    s = cache.k.shape[2]
+    q_slot = cache_index + jnp.arange(l)
+    mask = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & kv_mask_BxS.astype(bool)[:, None, :]
+    return self.decode_layers(x_BxLxD, position_ids_3xBxL, mask, cache, cache_index)

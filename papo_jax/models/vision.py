@@ -1,0 +1,181 @@
+"""Qwen2.5-VL vision tower: patch embed, 2-D RoPE, windowed/full attention, patch merger.
+
+All images of a batch are processed at once. Which tokens may attend to which is
+expressed as *segment ids* computed from ``image_grid_thw`` with vectorised index
+arithmetic (no Python loop over images, so it runs inside jit with traced grids):
+a window segment per 4x4-merged-token window and a frame segment per image frame.
+Rows of ``pixel_values`` beyond the images' patches (bucket padding) form their own
+segments and are dropped by the caller.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from papo_jax.models.config import VisionConfig
+from papo_jax.models.layers import Dense, RMSNorm, apply_rope, softmax_attention
+from papo_jax.models.positions import image_token_layout
+from papo_jax.parallel import constrain
+
+
+def vision_layout(grid_thw_Ix3: jax.Array, num_patches: int, merge: int, window: int):
+  """Index arithmetic for the vision tower, for ``num_patches`` rows of pixel_values.
+
+  Returns a dict of int32 arrays (K = num_patches // merge**2 merged slots):
+    window_index_K: merged slot in window order -> merged slot in raster order
+    rank_K: raster slot -> window-order slot (the reverse permutation)
+    window_seg_K, frame_seg_K: segment ids per merged slot in *raster* order
+    row_N, col_N: patch-grid coordinates of each patch row (processor order)
+  """
+  unit = merge * merge
+  k_slots = num_patches // unit
+  n, _, hm, wm, starts = image_token_layout(grid_thw_Ix3, merge)
+  total = jnp.sum(n)
+  k = jnp.arange(k_slots, dtype=jnp.int32)
+  img = jnp.clip(jnp.searchsorted(jnp.cumsum(n), k, side="right"), 0, n.shape[0] - 1)
+  real = k < total
+  hm_k, wm_k = jnp.maximum(hm[img], 1), jnp.maximum(wm[img], 1)
+  local = k - starts[img]
+  fsz = hm_k * wm_k
+  f, rem = local // fsz, local % fsz
+  r, c = rem // wm_k, rem % wm_k
+  wr, wc = r // window, c // window
+  win_h = jnp.minimum(window, hm_k - window * wr)
+  win_w = jnp.minimum(window, wm_k - window * wc)
+  frame_start = starts[img] + f * fsz
+  win_start = frame_start + wr * window * wm_k + win_h * window * wc
+  rank = win_start + (r % window) * win_w + (c % window)
+  rank = jnp.where(real, rank, k)
+  window_index = jnp.zeros_like(k).at[rank].set(k)
+  # Padding slots get unique ids >= total, so they never share a segment with real tokens.
+  window_seg = jnp.where(real, win_start, k)
+  frame_seg = jnp.where(real, frame_start, k)
+  # Patch coordinates for the 2-D RoPE, in processor (merge-unit-major) order.
+  sub = jnp.arange(unit, dtype=jnp.int32)
+  row = (r[:, None] * merge + sub[None, :] // merge).reshape(-1)
+  col = (c[:, None] * merge + sub[None, :] % merge).reshape(-1)
+  return dict(window_index_K=window_index, rank_K=rank, window_seg_K=window_seg, frame_seg_K=frame_seg,
+              row_N=row, col_N=col)
+
+
+def vision_rope(row_N: jax.Array, col_N: jax.Array, head_dim: int, theta: float):
+  """cos/sin [N, head_dim] in float32: half the frequencies on rows, half on columns."""
+  quarter = head_dim // 4
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, quarter, dtype=jnp.float32) * 2.0 / (head_dim // 2)))
+  ang = jnp.concatenate([row_N[:, None].astype(jnp.float32) * inv_freq, col_N[:, None].astype(jnp.float32) * inv_freq], -1)
+  emb = jnp.concatenate([ang, ang], -1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+class VisionAttention(nnx.Module):
+
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
+    d = cfg.hidden_size
+    self.qkv = Dense(d, 3 * d, use_bias=True, axes=("vision_embed", "heads"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.proj = Dense(d, d, use_bias=True, axes=("heads", "vision_embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.num_heads = cfg.num_heads
+    self.head_dim = cfg.head_dim
+
+  def __call__(self, x_NxD, cos_NxH, sin_NxH, seg_N):
+    n = x_NxD.shape[0]
+    qkv = self.qkv(x_NxD).reshape(n, 3, self.num_heads, self.head_dim)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    # HF upcasts q and k to float32 for the rotation.
+    cos, sin = cos_NxH[:, None, :], sin_NxH[:, None, :]
+    q = apply_rope(q.astype(jnp.float32), cos, sin).astype(x_NxD.dtype)
+    k = apply_rope(k.astype(jnp.float32), cos, sin).astype(x_NxD.dtype)
+    mask = (seg_N[:, None] == seg_N[None, :])[None]
+    out = softmax_attention(q[None], k[None], v[None], mask, self.head_dim ** -0.5)[0]
+    return self.proj(out.reshape(n, -1))
+
+
+class VisionMLP(nnx.Module):
+
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = Dense(d, i, axes=("vision_embed", "mlp"), **kw)
+    self.up_proj = Dense(d, i, axes=("vision_embed", "mlp"), **kw)
+    self.down_proj = Dense(i, d, axes=("mlp", "vision_embed"), **kw)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionBlock(nnx.Module):
+
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
+    self.norm1 = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
+    self.norm2 = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
+    self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = VisionMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x, cos, sin, seg):
+    x = x + self.attn(self.norm1(x), cos, sin, seg)
+    return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
+    d = cfg.hidden_size * cfg.spatial_merge_size ** 2
+    self.ln_q = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
+    kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp_0 = Dense(d, d, axes=("mlp", "vision_embed"), **kw)
+    self.mlp_2 = Dense(d, cfg.out_hidden_size, axes=("vision_embed", "embed"), **kw)
+    self.unit_dim = d
+
+  def __call__(self, x_NxD):
+    x = self.ln_q(x_NxD).reshape(-1, self.unit_dim)
+    return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
+
+
+class PatchEmbed(nnx.Module):
+  """Conv3d with kernel == stride on pre-patchified rows is exactly one matmul."""
+
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
+    self.proj = Dense(cfg.patch_dim, cfg.hidden_size, use_bias=False, axes=("patch", "vision_embed"),
+                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, pixel_values_NxP):
+    return self.proj(pixel_values_NxP)
+
+
+class VisionTower(nnx.Module):
+
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool = False, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.patch_embed = PatchEmbed(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.depth)])
+    self.merger = PatchMerger(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.dtype = dtype
+    self.remat = remat
+
+  def __call__(self, pixel_values_NxP: jax.Array, image_grid_thw_Ix3: jax.Array) -> jax.Array:
+    """Returns merged image features [N // 4, out_hidden_size] in raster order per image.
+
+    Rows past the images' patches (padding) produce features the caller ignores.
+    """
+    cfg = self.cfg
+    n = pixel_values_NxP.shape[0]
+    unit = cfg.spatial_merge_size ** 2
+    lay = vision_layout(image_grid_thw_Ix3, n, cfg.spatial_merge_size, cfg.window_merged)
+    # HF casts pixel values to the tower's dtype before the patch embedding.
+    x = self.patch_embed(pixel_values_NxP.astype(self.dtype))
+    cos, sin = vision_rope(lay["row_N"], lay["col_N"], cfg.head_dim, cfg.rope_theta)
+    win = lay["window_index_K"]
+    to_window = lambda a: a.reshape(n // unit, unit, -1)[win].reshape(n, -1)
+    x, cos, sin = to_window(x), to_window(cos), to_window(sin)
+    window_seg = jnp.repeat(lay["window_seg_K"][win], unit)
+    frame_seg = jnp.repeat(lay["frame_seg_K"][win], unit)
+    x = constrain(x, ("patch", "vision_embed"))
+    for i, block in enumerate(self.blocks):
+      seg = frame_seg if i in cfg.fullatt_block_indexes else window_seg
+      if self.remat:
+        x = nnx.remat(lambda blk, *a: blk(*a))(block, x, cos, sin, seg)
+      else:
+        x = block(x, cos, sin, seg)
+    merged = self.merger(x)
+    return merged[lay["rank_K"]]

@@ -1,0 +1,25 @@
+"""Mesh construction and logical-axis sharding rules (the one place sharding is expressed)."""
+
+from papo_jax.parallel.sharding import (
+    DEFAULT_RULES,
+    MESH_AXES,
+    constrain,
+    logical_partition_spec,
+    logical_to_mesh_spec,
+    make_mesh,
+    shard_state,
+    state_shardings,
+    use_mesh_rules,
+)
+
+__all__ = [
+    "DEFAULT_RULES",
+    "MESH_AXES",
+    "constrain",
+    "logical_partition_spec",
+    "logical_to_mesh_spec",
+    "make_mesh",
+    "shard_state",
+    "state_shardings",
+    "use_mesh_rules",
+]

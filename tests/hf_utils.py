@@ -1,0 +1,87 @@
+"""Tiny random transformers models and matching inputs for parity tests (torch, CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+IMAGE_ID, VIDEO_ID, VSTART_ID, VEND_ID = 20, 21, 22, 23
+BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
+
+
+def tiny_hf_config(tie: bool = True, vocab: int = 64, hidden: int = 64, layers: int = 2, heads: int = 4, kv: int = 2,
+                   depth: int = 3, fullatt=(1,), mrope=(2, 3, 3)):
+  from transformers import Qwen2_5_VLConfig
+  text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=512,
+              rms_norm_eps=1e-6, tie_word_embeddings=tie, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+              pad_token_id=PAD_ID,
+              rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(mrope)})
+  vision = dict(depth=depth, hidden_size=64, num_heads=4, intermediate_size=80, out_hidden_size=hidden,
+                fullatt_block_indexes=list(fullatt), hidden_act="silu", patch_size=14, spatial_merge_size=2,
+                temporal_patch_size=2, window_size=112, tokens_per_second=2)
+  return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
+                          vision_start_token_id=VSTART_ID, vision_end_token_id=VEND_ID,
+                          tie_word_embeddings=tie, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+
+
+def tiny_hf_model(seed: int = 0, **kw):
+  import torch
+  from transformers import Qwen2_5_VLForConditionalGeneration
+  torch.manual_seed(seed)
+  cfg = tiny_hf_config(**kw)
+  model = Qwen2_5_VLForConditionalGeneration(cfg).eval().float()
+  # Random (not all-ones) norm weights and biases, so their layout is checked too.
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight") or "norm1" in name or "norm2" in name or "ln_q" in name:
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      elif name.endswith(".bias"):
+        p.copy_(0.05 * torch.randn_like(p))
+  model.config._attn_implementation = "eager"
+  model.set_attn_implementation("eager")
+  return model
+
+
+def make_batch(rows, grids, seed: int = 0, vocab: int = 64, merge: int = 2):
+  """rows: list of row specs, each a list of items: int (that many text tokens) or 'img' (next grid).
+
+  Returns numpy input_ids [B, L] (left padded), attention_mask, pixel_values [N, 1176], image_grid_thw [I, 3].
+  """
+  rng = np.random.default_rng(seed)
+  seqs = []
+  gi = 0
+  for spec in rows:
+    seq = []
+    for item in spec:
+      if item == "img":
+        t, h, w = grids[gi]
+        gi += 1
+        seq += [VSTART_ID] + [IMAGE_ID] * (t * h * w // merge ** 2) + [VEND_ID]
+      else:
+        seq += list(rng.integers(30, vocab, size=item))
+    seqs.append(seq)
+  length = max(len(s) for s in seqs)
+  ids = np.full((len(seqs), length), PAD_ID, np.int64)
+  mask = np.zeros((len(seqs), length), np.int64)
+  for i, s in enumerate(seqs):
+    ids[i, length - len(s):] = s
+    mask[i, length - len(s):] = 1
+  n = sum(t * h * w for t, h, w in grids)
+  pixel_values = rng.normal(size=(n, 3 * 2 * 14 * 14)).astype(np.float32)
+  grid = np.asarray(grids, np.int64).reshape(-1, 3)
+  return ids, mask, pixel_values, grid
+
+
+def hf_forward(model, ids, mask, pixel_values, grid):
+  """HF logits [B, L, V] (float32 numpy) plus its position ids and rope deltas."""
+  import torch
+  ti = torch.as_tensor(ids)
+  tm = torch.as_tensor(mask)
+  kwargs = dict(input_ids=ti, attention_mask=tm, mm_token_type_ids=(ti == IMAGE_ID).long())
+  if len(grid):
+    kwargs.update(pixel_values=torch.as_tensor(pixel_values), image_grid_thw=torch.as_tensor(grid))
+  with torch.no_grad():
+    pos, deltas = model.model.get_rope_index(ti, (ti == IMAGE_ID).long(), torch.as_tensor(grid) if len(grid) else None,
+                                             None, None, tm)
+    out = model(**kwargs)
+  return out.logits.float().numpy(), pos.numpy(), deltas.numpy()
