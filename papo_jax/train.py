@@ -459,7 +459,7 @@ def format_warmup(c, graphdef, state, it, tokenizer, stop_ids, pad_id, mesh):
       resp = np.full((n, t_max), pad_id, np.int64)
       rmask = np.zeros((n, t_max), np.int32)
       for k in range(n):
-        text = f"<think>{kind.replace('_', ' ')}</think>\\boxed{{{pool[rng.integers(len(pool))]}}}"
+        text = f"<think></think>\\boxed{{{pool[rng.integers(len(pool))]}}}"
         ids = tokenizer.encode(text, add_special_tokens=False)[:t_max - 1] + [eos]
         resp[k, :len(ids)] = ids
         rmask[k, :len(ids)] = 1
