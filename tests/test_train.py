@@ -41,7 +41,7 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-SMALL = ("--config.train.steps=6", "--config.train.warmup_sft_steps=2", "--config.checkpoint.every=2",
+SMALL = ("--config.train.steps=12", "--config.train.warmup_sft_steps=2", "--config.checkpoint.every=2",
          "--config.data.batch_size=4", "--config.rollout.n=2")
 
 
@@ -66,22 +66,23 @@ def test_sigkill_mid_run_resumes_bit_exact(uninterrupted, tmp_path):
   p = _run(wd, *SMALL, wait=False)
   deadline = time.time() + 400
   metrics = os.path.join(wd, "metrics.jsonl")
-  # Kill once step 3 is logged (the step-2 checkpoint exists; step 4 is in flight).
+  # Kill once the step-2 checkpoint is finalized (orbax renames it from a tmp dir) and step 3 is logged.
   while time.time() < deadline:
-    if os.path.exists(metrics) and any(json.loads(l)["step"] >= 3 for l in open(metrics)):
+    if (os.path.isdir(os.path.join(wd, "checkpoints", "2")) and os.path.exists(metrics)
+        and any(json.loads(l)["step"] >= 3 for l in open(metrics))):
       break
     if p.poll() is not None:
       pytest.fail("run ended before it could be killed:\n" + p.stdout.read()[-3000:])
     time.sleep(0.2)
   p.send_signal(signal.SIGKILL)
   p.wait()
-  assert os.path.isdir(os.path.join(wd, "checkpoints", "2"))
+  assert p.returncode == -signal.SIGKILL
   r = _run(wd, *SMALL)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   assert "resumed from step" in r.stderr
   step_a, a = _final_params(uninterrupted)
   step_b, b = _final_params(wd)
-  assert step_a == step_b == 6
+  assert step_a == step_b == 12
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)
   # the resumed run's metrics for the steps after the checkpoint equal the uninterrupted run's
