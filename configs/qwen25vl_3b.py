@@ -11,24 +11,8 @@ DAPO 52.40 -> PAPO-D 55.24. 384 prompts x 5 samples per step, 3 updates per step
 2 epochs (~202 steps).
 """
 
-from papo_jax.config_base import apply_variant, base_config
+from papo_jax.config_base import paper_config
 
 
 def get_config(variant: str = "papo_g"):
-  c = base_config()
-  c.model.path = ""  # set --config.model.path to the local checkpoint directory
-  c.data.source = "parquet"
-  c.data.batch_size = 384
-  c.data.min_pixels = 200704
-  c.data.max_pixels = 1003520
-  c.data.max_prompt_length = 4096
-  c.rollout.n = 5
-  c.rollout.max_new_tokens = 2048
-  c.optim.lr = 1e-6
-  c.optim.mini_batches = 3
-  c.optim.micro_batches = 16
-  c.train.steps = 202
-  apply_variant(c, variant)
-  if c.algo.dynamic_sampling:
-    c.algo.dapo_chunk = 128
-  return c
+  return paper_config(variant, micro_batches=16)

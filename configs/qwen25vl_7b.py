@@ -9,24 +9,13 @@ Expected (avg@8): GRPO 58.78 -> PAPO-G 61.66; DAPO 55.01 -> PAPO-D 63.16.
 Note: the authors' own 7B "GRPO" script silently ran PAPO with gamma 0.01; here grpo is GRPO.
 """
 
-from papo_jax.config_base import apply_variant, base_config
+from papo_jax.config_base import paper_config
 
 
 def get_config(variant: str = "papo_g"):
-  c = base_config()
-  c.data.source = "parquet"
-  c.data.batch_size = 384
-  c.data.min_pixels = 200704
-  c.data.max_pixels = 1003520
-  c.rollout.max_new_tokens = 2048
-  c.optim.lr = 1e-6
-  c.optim.mini_batches = 3
-  c.optim.micro_batches = 32
-  c.mesh.fsdp = -1
+  c = paper_config(variant, micro_batches=32)
   c.mesh.data = 1
-  c.train.steps = 202
-  apply_variant(c, variant)
+  c.mesh.fsdp = -1          # 8.3B parameters: shard them (FSDP) rather than replicate
   if variant == "papo_g":
     c.papo.eta_ori = c.papo.eta_mask = 0.05   # PAPO-G 7B uses double entropy
-    c.data.mask.enabled = True
   return c

@@ -8,21 +8,11 @@ GRPO 46.84 -> PAPO-G 49.30. Requires Qwen3-VL model support in papo_jax.models
 (model_type 'qwen3_vl'); until then from_pretrained reports the unsupported model_type.
 """
 
-from papo_jax.config_base import apply_variant, base_config
+from papo_jax.config_base import paper_config
 
 
 def get_config(variant: str = "papo_g"):
-  c = base_config()
-  c.data.source = "parquet"
-  c.data.batch_size = 384
-  c.data.min_pixels = 200704
-  c.data.max_pixels = 1003520
-  c.rollout.max_new_tokens = 2048
-  c.optim.lr = 1e-6
-  c.optim.mini_batches = 3
-  c.optim.micro_batches = 16
-  c.train.steps = 202
-  apply_variant(c, variant)
+  c = paper_config(variant, micro_batches=16)
   if variant == "papo_g":
     c.papo.gamma = 0.01
   return c

@@ -62,6 +62,23 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def paper_config(variant: str, *, micro_batches: int) -> ml_collections.ConfigDict:
+  """The paper's ViRL39K settings (papo.md §6) with one variant's constants applied."""
+  c = base_config()
+  c.data.source = "parquet"
+  c.data.batch_size = 384
+  c.data.min_pixels = 200704
+  c.data.max_pixels = 1003520
+  c.data.max_prompt_length = 4096
+  c.rollout.n = 5
+  c.rollout.max_new_tokens = 2048
+  c.optim.lr = 1e-6
+  c.optim.mini_batches = 3
+  c.optim.micro_batches = micro_batches
+  c.train.steps = 202
+  return apply_variant(c, variant)
+
+
 def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
   """Sets the paper's constants for one of grpo | papo_g | papo_g_no_ref_kl | dapo | papo_d."""
   if variant not in VARIANTS:

@@ -218,7 +218,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   graphdef, params = nnx.split(model)
   mcfg = model.config
   need_ref = c.algo.beta > 0
-  ref_params = jax.tree.map(lambda a: a.astype(jnp.dtype(c.model.ref_dtype)), params) if need_ref else None
+  # A copy with its own buffers: the policy state is donated to every update.
+  ref_params = jax.tree.map(lambda a: jnp.array(a, dtype=jnp.dtype(c.model.ref_dtype), copy=True), params) if need_ref else None
 
   # ---------------------------------------------------------------- losses, optimizer, state
   clamp = (0.0, c.papo.kl_prcp_clamp_hi) if c.papo.kl_prcp_clamp_hi > 0 else None
@@ -277,13 +278,15 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     grid = None if batch.num_images == 0 else batch.image_grid_thw
     key = jax.random.fold_in(jax.random.key(c.train.seed), step)
     key = jax.random.fold_in(key, int(batch.stats.get("batch_index", 0)))
+    t0 = time.perf_counter()
     with use_mesh_rules(mesh):
       ro = sampler.generate(state.params, batch.input_ids, batch.attention_mask, pv, grid, n=c.rollout.n, key=key)
     toks, mask = np.asarray(ro.tokens_RxT), np.asarray(ro.mask_RxT)
+    t1 = time.perf_counter()
     texts = decode_responses(tokenizer, toks, mask, stop_ids)
     answers = [a for a in batch.answers for _ in range(c.rollout.n)]
     r = reward_fn(texts, answers)
-    return ro, toks, mask, texts, r
+    return ro, toks, mask, texts, r, {"timing/generate": t1 - t0, "timing/reward": time.perf_counter() - t1}
 
   def to_groups(batch, toks, mask, adv):
     n = c.rollout.n
@@ -313,9 +316,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     rounds = 0
     while True:
       batch = next(it)
-      tg = time.perf_counter()
-      ro, toks, mask, texts, r = rollout_groups(batch, step * 1000 + rounds)
-      timing["timing/generate"] = timing.get("timing/generate", 0.0) + time.perf_counter() - tg
+      ro, toks, mask, texts, r, t = rollout_groups(batch, step * 1000 + rounds)
+      for k, v in t.items():
+        timing[k] = timing.get(k, 0.0) + v
       adv = adv_lib.group_advantages(r["overall"], group_size=c.rollout.n)
       new = to_groups(batch, toks, mask, adv)
       rounds += 1

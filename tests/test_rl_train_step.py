@@ -205,11 +205,7 @@ def test_precomputed_minibatch_path_matches_fused(setup):
 
 
 def test_sharded_update_equals_single_device(setup):
-  """8 fake devices (data x fsdp x tensor = 2x2x2): same gradient, same update.
-
-  The update is compared at 5% of the learning rate: AdamW's first step is ~lr * g/|g|,
-  which amplifies float-rounding differences of near-zero gradient entries.
-  """
+  """8 fake devices (data x fsdp x tensor = 2x2x2): same gradient, same update."""
   model, graphdef, params, ref_params = setup
   tx = make_optimizer(1e-3)
   cfg = StepConfig(loss=LossConfig(beta=0.01, gamma=0.02, eta_ori=0.01), logprob_chunk=4)
@@ -230,4 +226,10 @@ def test_sharded_update_equals_single_device(setup):
   g_sh, _, _ = sharded(grad_fn)(p_sh, r_sh, batch)
   np.testing.assert_allclose(_flat(g_sh), _flat(g_ref), atol=1e-6, rtol=1e-4)
   out, _ = sharded(step)(init_train_state(p_sh, tx), r_sh, batch)
-  np.testing.assert_allclose(_flat(out.params), _flat(ref_state.params), atol=5e-5)
+  a, b, g = _flat(out.params), _flat(ref_state.params), _flat(g_ref)
+  # Entries with a clear gradient get the same update; near-zero ones (where AdamW's
+  # g/(|g|+eps) turns rounding into up to 2*lr) stay within that bound.
+  clear = np.abs(g) > 1e-5
+  np.testing.assert_allclose(a[clear], b[clear], atol=2e-6)
+  assert np.abs(a - b).max() <= 2 * 1e-3 * 1.01
+  assert clear.mean() > 0.5

@@ -2,9 +2,12 @@
 
 One XLA program per bucket shape takes a batch of pre-sampled rollouts and:
 
-1. runs the policy on the batch-concatenated ``[original ; masked]`` inputs (same
-   tokens and positions, different pixels) and the frozen reference model on the
-   original inputs under stop-gradient;
+1. runs the policy on the original inputs and on the masked copy (same tokens and
+   positions, different pixels) and the frozen reference model on the original inputs
+   under stop-gradient. With ``mask_grad=False`` (the paper) the masked pass is
+   forward-only, outside the differentiated function, so PAPO costs one extra forward
+   over GRPO; with ``mask_grad=True`` the policy runs once on the batch-concatenated
+   ``[original ; masked]`` inputs and the gradient flows through both halves;
 2. extracts response-token log-probs in sequence chunks (so ``[B, L, V]`` float32
    logits never exist at once);
 3. computes the PAPO loss, its gradient, global-norm clipping and the optax update,
@@ -169,6 +172,12 @@ def micro_logprobs(cfg: StepConfig, model, mb: TrainBatch, *, with_mask: bool) -
   return lp, None
 
 
+def masked_logprobs(cfg: StepConfig, model, mb: TrainBatch) -> Array:
+  """Policy log-probs on the masked images (same tokens and positions as the original)."""
+  return response_logprobs(model, mb.input_ids, mb.attention_mask, mb.position_ids, mb.masked_pixel_values,
+                           mb.image_grid_thw, mb.response_mask.shape[-1], cfg.logprob_chunk)
+
+
 # -- the step -------------------------------------------------------------------------------
 
 
@@ -213,7 +222,12 @@ def make_grad_fn(graphdef, cfg: StepConfig) -> Callable:
 
     def body(carry, i):
       g_acc, l_acc, m_acc = carry
-      (loss, metrics), g = value_and_grad(params, ref_params, _micro(batch, i), share[i], gamma, entropy_scale)
+      mb = _micro(batch, i)
+      if cfg.needs_mask and not cfg.mask_grad and mb.mask_logp is None:
+        # No gradient through the masked path: a forward-only pass outside the
+        # differentiated function, so the backward runs on the original half alone.
+        mb = mb.replace(mask_logp=jax.lax.stop_gradient(masked_logprobs(cfg, nnx.merge(graphdef, params), mb)))
+      (loss, metrics), g = value_and_grad(params, ref_params, mb, share[i], gamma, entropy_scale)
       return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss, jax.tree.map(jnp.add, m_acc, metrics)), None
 
     # The metrics' structure, from an abstract evaluation (no compute).

@@ -1,0 +1,95 @@
+"""Train-step cost of GRPO vs PAPO on the same batch, side by side.
+
+    python -m papo_jax.rl.bench                      # CPU, 'small' model shape
+    python -m papo_jax.rl.bench --preset=3b --rows=16 --prompt=1024 --response=1024 --peak_tflops=989
+
+PAPO adds the masked-image forward (batch-concatenated with the original); with
+mask_grad=False that half carries no gradient, so its backward is skipped.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from papo_jax.bench import model_flops_per_token, preset_config
+from papo_jax.models import from_hf_dict, init_model
+from papo_jax.rl import batching
+from papo_jax.rl.losses import LossConfig
+from papo_jax.rl.train_step import StepConfig, TrainBatch, init_train_state, make_optimizer, make_train_step
+
+FLAGS = flags.FLAGS
+# --preset, --image_side, --iters, --peak_tflops come from papo_jax.bench.
+flags.DEFINE_integer("rows", 8, "Rollouts per step (one micro-batch).")
+flags.DEFINE_integer("prompt", 128, "Prompt tokens (image tokens included).")
+flags.DEFINE_integer("response", 64, "Response tokens.")
+
+
+def make_groups(rows: int, prompt: int, response: int, side: int, vocab: int, image_id: int, seed=0):
+  rng = np.random.default_rng(seed)
+  g = side // 28 * 2
+  n_img = g * g // 4
+  ids = rng.integers(30, vocab, size=prompt)
+  ids[1] = 22
+  ids[2:2 + n_img] = image_id
+  ids[2 + n_img] = 23
+  groups = []
+  for r in range(rows):
+    pv = rng.normal(size=(g * g, 1176)).astype(np.float32)
+    groups.append(batching.Group(
+        prompt_ids=ids, prompt_mask=np.ones(prompt, np.int32), pixel_values=pv,
+        masked_pixel_values=pv * (rng.random((g * g, 1)) > 0.6), image_grid_thw=np.array([[1, g, g]]),
+        responses=rng.integers(30, vocab, size=(1, response)), response_mask=np.ones((1, response), np.int32),
+        advantages=rng.normal(size=1).astype(np.float32)))
+  return groups
+
+
+def main(argv):
+  del argv
+  dtype = "float32" if FLAGS.preset == "small" else "bfloat16"
+  hf = preset_config(FLAGS.preset)
+  cfg = from_hf_dict(hf, dtype=dtype, param_dtype="float32", remat=FLAGS.preset != "small")
+  graphdef, params = nnx.split(init_model(cfg))
+  ref = jax.tree.map(lambda a: jnp.array(a, dtype=jnp.dtype(dtype), copy=True), params)  # own buffers: params are donated
+  groups = make_groups(FLAGS.rows, FLAGS.prompt, FLAGS.response, FLAGS.image_side, cfg.text.vocab_size,
+                       cfg.image_token_id)
+  batch = TrainBatch(**{k: jnp.asarray(v) for k, v in
+                        batching.assemble_train_batch(groups, micro_batches=1, pad_id=0).items()})
+  tx = make_optimizer(1e-6)
+  variants = [
+      ("GRPO (beta 0.01)", StepConfig(loss=LossConfig(beta=0.01))),
+      ("PAPO-G (gamma 0.02), mask_grad=False", StepConfig(loss=LossConfig(beta=0.01, gamma=0.02))),
+      ("PAPO-G + eta 0.05, mask_grad=True", StepConfig(loss=LossConfig(beta=0.01, gamma=0.02, eta_ori=0.05,
+                                                                        eta_mask=0.05), mask_grad=True)),
+  ]
+  tokens = FLAGS.rows * (FLAGS.prompt + FLAGS.response)
+  flops = model_flops_per_token(cfg, FLAGS.prompt + FLAGS.response) * tokens
+  rows = []
+  for name, sc in variants:
+    step = jax.jit(make_train_step(graphdef, tx, sc), donate_argnums=(0,))
+    state = init_train_state(jax.tree.map(jnp.copy, params), tx)  # the step donates its state
+    t0 = time.perf_counter()
+    state, m = step(state, ref, batch)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(FLAGS.iters):
+      state, m = step(state, ref, batch)
+    jax.block_until_ready(m)
+    t = (time.perf_counter() - t0) / FLAGS.iters
+    mfu = flops / t / 1e12 / FLAGS.peak_tflops if FLAGS.peak_tflops else float("nan")
+    rows.append((name, compile_s, t, tokens / t, mfu))
+  print(f"\npreset={FLAGS.preset} dtype={dtype} rows={FLAGS.rows} prompt={FLAGS.prompt} response={FLAGS.response} "
+        f"image={FLAGS.image_side}px devices={jax.devices()[0].platform}x{jax.device_count()}")
+  print(f"{'variant':<40} {'compile s':>10} {'step s':>9} {'tokens/s':>10} {'vs GRPO':>8} {'MFU(policy)':>11}")
+  for name, c, t, tps, mfu in rows:
+    print(f"{name:<40} {c:>10.2f} {t:>9.3f} {tps:>10.0f} {t / rows[0][2]:>7.2f}x {mfu:>11.1%}")
+
+
+if __name__ == "__main__":
+  app.run(main)

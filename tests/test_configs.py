@@ -1,0 +1,52 @@
+"""Every paper config and variant carries the constants of papo.md §2."""
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# run -> (eps_high, beta, gamma, eta_ori/eta_mask, dynamic sampling), from the spec's table.
+EXPECTED = {
+    ("qwen25vl_3b", "grpo"): (0.3, 0.01, 0.0, 0.0, False),
+    ("qwen25vl_3b", "papo_g"): (0.3, 0.01, 0.02, 0.0, False),
+    ("qwen25vl_7b", "grpo"): (0.3, 0.01, 0.0, 0.0, False),
+    ("qwen25vl_7b", "papo_g"): (0.3, 0.01, 0.02, 0.05, False),
+    ("qwen25vl_3b", "papo_g_no_ref_kl"): (0.3, 0.0, 0.01, 0.03, False),
+    ("qwen25vl_7b", "papo_g_no_ref_kl"): (0.3, 0.0, 0.01, 0.03, False),
+    ("qwen25vl_3b", "dapo"): (0.28, 0.0, 0.0, 0.0, True),
+    ("qwen25vl_7b", "dapo"): (0.28, 0.0, 0.0, 0.0, True),
+    ("qwen25vl_3b", "papo_d"): (0.28, 0.0, 0.01, 0.03, True),
+    ("qwen25vl_7b", "papo_d"): (0.28, 0.0, 0.01, 0.03, True),
+    ("qwen3vl_2b", "grpo"): (0.3, 0.01, 0.0, 0.0, False),
+    ("qwen3vl_2b", "papo_g"): (0.3, 0.01, 0.01, 0.0, False),
+}
+
+
+def load(name, variant):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  assert "python -m papo_jax.train" in mod.__doc__  # the docstring gives the run command
+  return mod.get_config(variant)
+
+
+@pytest.mark.parametrize("run", sorted(EXPECTED))
+def test_paper_constants(run):
+  c = load(*run)
+  eps_high, beta, gamma, eta, dynamic = EXPECTED[run]
+  assert (c.algo.eps_low, c.algo.eps_high, c.algo.dual_clip) == (0.2, eps_high, 3.0)
+  assert c.algo.beta == beta and c.papo.gamma == gamma
+  assert c.papo.eta_ori == c.papo.eta_mask == eta
+  assert c.algo.dynamic_sampling == dynamic
+  assert c.data.mask.enabled == (gamma > 0 or eta > 0)
+  assert (c.data.batch_size, c.rollout.n, c.optim.mini_batches, c.optim.lr) == (384, 5, 3, 1e-6)
+  assert (c.data.min_pixels, c.data.max_pixels) == (200704, 1003520)
+  assert (c.optim.weight_decay, c.optim.grad_clip, c.optim.b1, c.optim.b2) == (0.01, 1.0, 0.9, 0.999)
+  assert (c.rollout.temperature, c.rollout.top_p, c.rollout.max_new_tokens) == (1.0, 0.99, 2048)
+
+
+def test_unknown_variant_is_an_error():
+  with pytest.raises(ValueError, match="papo_x"):
+    load("qwen25vl_3b", "papo_x")
