@@ -20,10 +20,15 @@ from absl import app, flags, logging
 from flax import nnx
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/).")
-flags.DEFINE_string("out", None, "Output directory for the Hugging Face model.")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.DEFINE_string("dtype", None, "Tensor dtype to write (default: the trained parameters' dtype).")
+
+
+def define_flags():
+  """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
+  flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/).")
+  flags.DEFINE_string("out", None, "Output directory for the Hugging Face model.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("dtype", None, "Tensor dtype to write (default: the trained parameters' dtype).")
+  flags.mark_flags_as_required(["workdir", "out"])
 
 _AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "chat_template.jinja",
               "preprocessor_config.json", "processor_config.json", "special_tokens_map.json", "vocab.json",
@@ -73,5 +78,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "out"])
+  define_flags()
   app.run(main)

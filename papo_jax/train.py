@@ -26,10 +26,14 @@ from flax import nnx
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Run config (a configs/*.py file, optionally :variant).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here; reruns resume from it.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags():
+  """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
+  config_flags.DEFINE_config_file("config", None, "Run config (a configs/*.py file, optionally :variant).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here; reruns resume from it.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 # ============================================================================================
@@ -488,4 +492,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
