@@ -41,7 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
       mask=dict(enabled=True, ratio=0.6, patch_size=14, mode="raw_squares", exact_ratio=False),
       synthetic_num_records=2048, synthetic_difficulty=1, synthetic_image_size=56, synthetic_seed=0,
   )
-  c.val = dict(source="", path="", every=0, batches=1, batch_size=0)
+  # Held-out validation every `every` steps (0: off): mean reward/accuracy of one greedy
+  # response per prompt over `batches` batches. source "" = the training source's kind;
+  # for the synthetic task a different seed gives held-out records.
+  c.val = dict(source="", path="", every=0, batches=2, batch_size=0, synthetic_seed=12345)
   c.rollout = dict(n=5, temperature=1.0, top_p=0.99, top_k=0, max_new_tokens=2048, cache_dtype="bfloat16")
   c.algo = dict(name="grpo", eps_low=0.2, eps_high=0.3, dual_clip=3.0, beta=0.01, agg="token",
                 dynamic_sampling=False, dapo_acc_low=0.01, dapo_acc_high=0.99, dapo_chunk=128,

@@ -301,6 +301,31 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     return [batching.Group(*parts[b], responses=toks[b * n:(b + 1) * n], response_mask=mask[b * n:(b + 1) * n],
                            advantages=adv[b * n:(b + 1) * n]) for b in range(len(parts))]
 
+  val_it, val_sampler = None, None
+  if c.val.every > 0:
+    val_cfg = pipeline.DataConfig(**{**c.data.to_dict(), "source": c.val.source or c.data.source,
+                                     "path": c.val.path or c.data.path, "shuffle": False,
+                                     "batch_size": c.val.batch_size or c.data.batch_size,
+                                     "synthetic_seed": c.val.synthetic_seed})
+    val_cfg.mask = dataclass_replace(val_cfg.mask, enabled=False)
+    val_it = pipeline.make_iterator(val_cfg, processor=it.processor)
+    val_sampler = Sampler(graphdef, dataclass_replace(sampler.cfg, greedy=True), mesh=mesh)
+    val_start = val_it.get_state()
+
+  def validate():
+    """Mean reward/accuracy of greedy responses on the held-out split (always the same batches)."""
+    val_it.set_state(val_start)
+    scores = []
+    for _ in range(c.val.batches):
+      vb = next(val_it)
+      with use_mesh_rules(mesh):
+        ro = val_sampler.generate(state.params, vb.input_ids, vb.attention_mask,
+                                  vb.pixel_values if vb.num_images else None,
+                                  vb.image_grid_thw if vb.num_images else None, n=1, key=0)
+      texts = decode_responses(tokenizer, np.asarray(ro.tokens_RxT), np.asarray(ro.mask_RxT), stop_ids)
+      scores.append(reward_fn(texts, list(vb.answers)))
+    return {f"val/{k}": float(np.concatenate([s[k] for s in scores]).mean()) for k in scores[0]}
+
   # ---------------------------------------------------------------- supervised format warm-up (tiny demo)
   if start == 0 and c.train.warmup_sft_steps > 0:
     state = jax.device_put(format_warmup(c, graphdef, state, it, tokenizer, stop_ids, pad_id, mesh), state_sh)
@@ -393,6 +418,12 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.warning("stopping; the last good checkpoint is kept")
         mngr.wait_until_finished()
         return metrics
+    if val_it is not None and ((step + 1) % c.val.every == 0 or step + 1 == c.train.steps):
+      tv = time.perf_counter()
+      metrics.update(validate())
+      metrics["timing/validate"] = time.perf_counter() - tv
+      logging.info("step %d | validation reward %.3f acc %.3f", step + 1, metrics["val/overall"],
+                   metrics["val/accuracy"])
     writer.write(step + 1, metrics)
     if jax.process_index() == 0 and (step + 1) % c.log.every == 0:
       bar.set_postfix(reward=f"{metrics['reward/overall']:.3f}", acc=f"{metrics['reward/accuracy']:.3f}",
@@ -408,6 +439,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   mngr.wait_until_finished()
   writer.close()
   it.close()
+  if val_it is not None:
+    val_it.close()
   if hasattr(reward_fn, "close"):
     reward_fn.close()
   return metrics

@@ -142,3 +142,6 @@ def test_tiny_demo_learns(tmp_path):
   assert end > start + 0.1, (start, end)
   assert all(r["actor/kl_prcp"] > 0 for r in rows)
   assert metrics["reward/format"] > 0.5
+  val = [r for r in rows if "val/overall" in r]
+  assert [r["step"] for r in val] == [20, 40, 50]  # held-out validation every 20 steps and at the end
+  assert all(0.0 <= r["val/accuracy"] <= 1.0 for r in val)
