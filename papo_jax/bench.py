@@ -2,9 +2,13 @@
 
     python -m papo_jax.bench --preset=small            # CPU, side by side with transformers
     python -m papo_jax.bench --preset=3b --batch=8 --seq=2048 --skip_hf   # accelerator, bf16
+    # attention backends side by side (GPU): 4 x 6144 tokens, one 1-megapixel image each
+    python -m papo_jax.bench --preset=3b --batch=4 --seq=6144 --image_side=1008 --attention=xla,cudnn \
+        --skip_hf --remat --peak_tflops=989
 
-Prints one table: compile time, step time, tokens/s, and (for ``--preset=3b``) model
-FLOPs utilisation against ``--peak_tflops`` and peak device memory.
+Prints one table: compile time, step time, tokens/s, compiled temporary memory, the
+largest logit difference from the first backend, and (with ``--peak_tflops``) model
+FLOPs utilisation.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ flags.DEFINE_integer("iters", 5, "Timed iterations.")
 flags.DEFINE_bool("skip_hf", False, "Do not time the transformers model.")
 flags.DEFINE_float("peak_tflops", 0.0, "Accelerator peak TFLOP/s for MFU (e.g. 989 for H100 bf16 dense).")
 flags.DEFINE_bool("remat", False, "Rematerialise decoder layers.")
+flags.DEFINE_list("attention", ["xla"], "Attention backends to compare (auto, xla, cudnn, pallas_tpu).")
 
 IMAGE_ID = 20
 
@@ -93,29 +98,43 @@ def main(argv):
   del argv
   dtype = FLAGS.dtype or ("float32" if FLAGS.preset == "small" else "bfloat16")
   hf_cfg = preset_config(FLAGS.preset)
-  cfg = from_hf_dict(hf_cfg, dtype=dtype, param_dtype=dtype, remat=FLAGS.remat)
-  model = init_model(cfg, seed=0)
-  graphdef, state = nnx.split(model)
-  ids, mask, pv, grid = make_inputs(FLAGS.batch, FLAGS.seq, FLAGS.image_side, cfg.text.vocab_size)
+  ids, mask, pv, grid = make_inputs(FLAGS.batch, FLAGS.seq, FLAGS.image_side, hf_cfg["vocab_size"])
   ids_j, mask_j, pv_j, grid_j = map(jnp.asarray, (ids, mask, pv, grid))
   tokens = FLAGS.batch * FLAGS.seq
+  per_image = int(grid[0].prod())
+  rows, first_logits = [], None
+  for backend in FLAGS.attention:
+    cfg = from_hf_dict(hf_cfg, dtype=dtype, param_dtype=dtype, remat=FLAGS.remat, attention=backend,
+                       max_image_patches=per_image)
+    graphdef, state = nnx.split(init_model(cfg, seed=0))   # same seed: same weights for every backend
 
-  def loss_fn(state):
-    m = nnx.merge(graphdef, state)
-    h = m.hidden_states(ids_j, mask_j, pv_j, grid_j)
-    logits = m.logits(h[:, :-1], dtype=jnp.float32)
-    lp = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(lp, ids_j[:, 1:, None], -1))
+    def loss_fn(state):
+      m = nnx.merge(graphdef, state)
+      h = m.hidden_states(ids_j, mask_j, pv_j, grid_j)
+      logits = m.logits(h[:, :-1], dtype=jnp.float32)
+      lp = jax.nn.log_softmax(logits)
+      return -jnp.mean(jnp.take_along_axis(lp, ids_j[:, 1:, None], -1))
 
-  fwd = jax.jit(lambda s: nnx.merge(graphdef, s)(ids_j, attention_mask=mask_j, pixel_values=pv_j, image_grid_thw=grid_j))
-  fwd_bwd = jax.jit(jax.value_and_grad(loss_fn))
-  rows = []
-  c_f, t_f = _time(lambda: fwd(state), FLAGS.iters)
-  c_b, t_b = _time(lambda: fwd_bwd(state), FLAGS.iters)
-  flops = model_flops_per_token(cfg, FLAGS.seq) * tokens
-  mfu = lambda t, frac: (flops * frac / t / 1e12 / FLAGS.peak_tflops) if FLAGS.peak_tflops else float("nan")
-  rows.append(("papo_jax (jit)", "forward", c_f - t_f, t_f, tokens / t_f, mfu(t_f, 1 / 3)))
-  rows.append(("papo_jax (jit)", "fwd+bwd", c_b - t_b, t_b, tokens / t_b, mfu(t_b, 1.0)))
+    fwd = jax.jit(lambda s: nnx.merge(graphdef, s)(ids_j, attention_mask=mask_j, pixel_values=pv_j,
+                                                   image_grid_thw=grid_j)[:, -256:].astype(jnp.float32))
+    fwd_bwd = jax.jit(jax.value_and_grad(loss_fn))
+    mem = {}
+    for name, fn in (("forward", fwd), ("fwd+bwd", fwd_bwd)):
+      try:
+        mem[name] = fn.lower(state).compile().memory_analysis().temp_size_in_bytes / 2**30
+      except Exception:  # some backends report no memory analysis
+        mem[name] = float("nan")
+    logits = np.asarray(fwd(state))
+    first_logits = logits if first_logits is None else first_logits
+    diff = float(np.abs(logits - first_logits).max())
+    c_f, t_f = _time(lambda: fwd(state), FLAGS.iters)
+    c_b, t_b = _time(lambda: fwd_bwd(state), FLAGS.iters)
+    del state
+    flops = model_flops_per_token(cfg, FLAGS.seq) * tokens
+    mfu = lambda t, frac: (flops * frac / t / 1e12 / FLAGS.peak_tflops) if FLAGS.peak_tflops else float("nan")
+    label = f"papo_jax (jit, {backend})"
+    rows.append((label, "forward", c_f - t_f, t_f, tokens / t_f, mfu(t_f, 1 / 3), mem["forward"], diff))
+    rows.append((label, "fwd+bwd", c_b - t_b, t_b, tokens / t_b, mfu(t_b, 1.0), mem["fwd+bwd"], float("nan")))
   peak = "n/a"
   try:
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -158,13 +177,15 @@ def main(argv):
       for _ in range(FLAGS.iters):
         sync(fn())
       t = (time.perf_counter() - t0) / FLAGS.iters
-      rows.append(("transformers (torch eager)", name, 0.0, t, tokens / t, mfu(t, 1 / 3 if name == "forward" else 1.0)))
+      rows.append(("transformers (torch eager)", name, 0.0, t, tokens / t, mfu(t, 1 / 3 if name == "forward" else 1.0),
+                   float("nan"), float("nan")))
 
   print(f"\npreset={FLAGS.preset} dtype={dtype} batch={FLAGS.batch} seq={FLAGS.seq} image={FLAGS.image_side}px "
         f"devices={jax.devices()[0].platform}x{jax.device_count()} peak_mem={peak}")
-  print(f"{'implementation':<28} {'pass':<8} {'compile s':>10} {'step s':>9} {'tokens/s':>11} {'MFU':>6}")
-  for impl, name, comp, t, tps, m in rows:
-    print(f"{impl:<28} {name:<8} {comp:>10.2f} {t:>9.4f} {tps:>11.0f} {m:>6.1%}")
+  print(f"{'implementation':<32} {'pass':<8} {'compile s':>10} {'step s':>9} {'tokens/s':>11} {'MFU':>6} "
+        f"{'temp GiB':>9} {'max |dlogit|':>13}")
+  for impl, name, comp, t, tps, m, mem_gib, diff in rows:
+    print(f"{impl:<32} {name:<8} {comp:>10.2f} {t:>9.4f} {tps:>11.0f} {m:>6.1%} {mem_gib:>9.2f} {diff:>13.2e}")
   ours = {r[1]: r[3] for r in rows if r[0].startswith("papo_jax")}
   theirs = {r[1]: r[3] for r in rows if r[0].startswith("transformers")}
   for k in theirs:

@@ -28,7 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype="float32",   # trained parameters (and AdamW moments)
       ref_dtype="bfloat16",    # frozen reference copy
       remat=True,
-      attention="xla",
+      attention="auto",        # auto | xla | cudnn | pallas_tpu (papo_jax/models/attention.py)
+      attention_block=512,     # Pallas TPU splash block size
       tiny=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vision_depth=2, vision_hidden_size=32, vision_heads=2,
                 vision_intermediate_size=64, seed=0),

@@ -70,11 +70,24 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
        f"{rows} rollouts per step do not split into {c.optim.mini_batches} mini x {c.optim.micro_batches} micro batches")
   need(c.monitor.action in ("warn", "lower_gamma", "stop"), "monitor.action", f"{c.monitor.action!r} unknown")
   need(c.train.steps >= 1, "train.steps", f"{c.train.steps} < 1")
+  need(c.model.attention in ("auto", "xla", "cudnn", "pallas_tpu"), "model.attention",
+       f"{c.model.attention!r} is not auto|xla|cudnn|pallas_tpu")
+  need(not (c.model.attention == "cudnn" and c.model.dtype == "float32"), "model.attention",
+       "cudnn needs model.dtype bfloat16 or float16")
 
 
 # ============================================================================================
 # Pieces
 # ============================================================================================
+
+def max_image_patches(c, model_config) -> int:
+  """Patches of the largest image the processor emits under ``data.max_pixels``.
+
+  The vision tower's full-attention layers pad each image to this, so their memory is
+  linear in the number of images.
+  """
+  return c.data.max_pixels // model_config.vision.patch_size ** 2
+
 
 def build_tiny_checkpoint(c, path: str) -> str:
   """Writes a tiny random Qwen2.5-VL checkpoint (weights, config, tokenizer, processor) once."""
@@ -218,7 +231,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---------------------------------------------------------------- model & reference
   model_path = c.model.path if c.model.init == "pretrained" else build_tiny_checkpoint(c, os.path.join(workdir, "model"))
   model = models.from_pretrained(model_path, dtype=c.model.dtype, param_dtype=c.model.param_dtype, mesh=mesh,
-                                 remat=c.model.remat, attention=c.model.attention)
+                                 remat=c.model.remat, attention=c.model.attention,
+                                 attention_block=c.model.attention_block,
+                                 max_image_patches=max_image_patches(c, models.load_config(model_path)))
   graphdef, params = nnx.split(model)
   mcfg = model.config
   need_ref = c.algo.beta > 0
@@ -280,6 +295,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     """Samples n responses per prompt and grades them; returns groups, reward arrays, texts."""
     pv = None if batch.num_images == 0 else batch.pixel_values
     grid = None if batch.num_images == 0 else batch.image_grid_thw
+    if grid is not None:
+      models.check_image_patches(grid, mcfg.max_image_patches)
     key = jax.random.fold_in(jax.random.key(c.train.seed), step)
     key = jax.random.fold_in(key, int(batch.stats.get("batch_index", 0)))
     t0 = time.perf_counter()

@@ -80,7 +80,11 @@ class ModelConfig:
   dtype: str = "float32"        # compute dtype of activations
   param_dtype: str = "float32"  # storage dtype of parameters
   remat: bool = False           # rematerialise each decoder / vision block in backward
-  attention: str = "xla"        # attention backend
+  attention: str = "xla"        # attention backend: auto | xla | cudnn | pallas_tpu (models/attention.py)
+  attention_block: int = 512    # Pallas TPU splash block size (queries and keys)
+  # Vision full-attention layers attend per image, each padded to this many patches
+  # (memory linear in images); 0: one segment-masked sequence over all patches.
+  max_image_patches: int = 0
   hf_dict: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   def replace(self, **kw) -> "ModelConfig":

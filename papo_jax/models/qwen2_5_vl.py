@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from papo_jax.models.attention import causal_attention, resolve_backend
 from papo_jax.models.config import ModelConfig, TextConfig
 from papo_jax.models.layers import Dense, RMSNorm, apply_rope, param, softmax_attention
 from papo_jax.models.positions import check_image_tokens, get_rope_index
@@ -48,7 +49,7 @@ def mrope_cos_sin(position_ids_3xBxL: jax.Array, cfg: TextConfig, dtype):
 
 class Attention(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs):
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs, backend: str = "xla", block: int = 512):
     d, h, kvh, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = Dense(d, h * hd, use_bias=True, axes=("embed", "heads"), **kw)
@@ -56,8 +57,9 @@ class Attention(nnx.Module):
     self.v_proj = Dense(d, kvh * hd, use_bias=True, axes=("embed", "kv_heads"), **kw)
     self.o_proj = Dense(h * hd, d, use_bias=False, axes=("heads", "embed"), **kw)
     self.h, self.kvh, self.hd = h, kvh, hd
+    self.backend, self.block = backend, block
 
-  def __call__(self, x_BxLxD, cos, sin, mask_BxLxS, cache_kv=None, cache_index=None):
+  def __call__(self, x_BxLxD, cos, sin, mask: "AttnMask", cache_kv=None, cache_index=None):
     b, l, _ = x_BxLxD.shape
     q = self.q_proj(x_BxLxD).reshape(b, l, self.h, self.hd)
     k = self.k_proj(x_BxLxD).reshape(b, l, self.kvh, self.hd)
@@ -72,8 +74,21 @@ class Attention(nnx.Module):
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     else:
       new_cache = None
-    out = softmax_attention(q, k, v, mask_BxLxS, self.hd ** -0.5)
+    if mask.dense_BxLxS is not None:   # decode: a few queries against the whole cache
+      out = softmax_attention(q, k, v, mask.dense_BxLxS, self.hd ** -0.5)
+    else:                               # whole sequence (training, prefill): the configured kernel
+      q_new = q
+      k_new, v_new = (k[:, :l], v[:, :l]) if cache_kv is not None else (k, v)
+      out = causal_attention(q_new, k_new, v_new, mask.valid_BxL, scale=self.hd ** -0.5, backend=self.backend,
+                             block=self.block)
     return self.o_proj(out.reshape(b, l, self.h * self.hd)), new_cache
+
+
+class AttnMask(NamedTuple):
+  """Which keys each query sees: causal over ``valid_BxL`` (whole sequences, any backend) or
+  an explicit ``dense_BxLxS`` (decode steps against a cache; XLA)."""
+  valid_BxL: jax.Array | None = None
+  dense_BxLxS: jax.Array | None = None
 
 
 class MLP(nnx.Module):
@@ -90,10 +105,10 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs):
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs, backend: str = "xla", block: int = 512):
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-    self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend, block=block)
     self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
@@ -105,11 +120,12 @@ class DecoderLayer(nnx.Module):
 
 class TextModel(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs):
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs, backend: str = "xla", block: int = 512):
     self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                   embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
     self.embed_tokens.embedding.set_metadata("logical_axes", ("vocab", "embed"))
-    self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend,
+                                         block=block)
                             for _ in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
@@ -124,8 +140,12 @@ class Qwen25VL(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     dtype, pdtype = _dtype(config.dtype), _dtype(config.param_dtype)
     self.config = config
-    self.visual = VisionTower(config.vision, dtype=dtype, param_dtype=pdtype, remat=config.remat, rngs=rngs)
-    self.model = TextModel(config.text, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+    backend = resolve_backend(config.attention)
+    self.visual = VisionTower(config.vision, dtype=dtype, param_dtype=pdtype, remat=config.remat, rngs=rngs,
+                              backend=backend, block=config.attention_block,
+                              max_image_patches=config.max_image_patches)
+    self.model = TextModel(config.text, dtype=dtype, param_dtype=pdtype, rngs=rngs, backend=backend,
+                           block=config.attention_block)
     if config.tie_word_embeddings:
       self.lm_head = None
     else:
@@ -155,7 +175,7 @@ class Qwen25VL(nnx.Module):
                           image_token_id=self.config.image_token_id,
                           spatial_merge_size=self.config.vision.spatial_merge_size)
 
-  def decode_layers(self, x_BxLxD, position_ids_3xBxL, mask_BxLxS, cache: KVCache | None = None, cache_index=None):
+  def decode_layers(self, x_BxLxD, position_ids_3xBxL, mask: AttnMask, cache: KVCache | None = None, cache_index=None):
     """Runs the decoder stack; returns (final normed hidden [B, L, D], new cache or None)."""
     cos, sin = mrope_cos_sin(position_ids_3xBxL, self.config.text, x_BxLxD.dtype)
     x = constrain(x_BxLxD, ("batch", "length", "embed"))
@@ -163,9 +183,9 @@ class Qwen25VL(nnx.Module):
     for i, layer in enumerate(self.model.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
       if self.config.remat and cache is None:
-        x, _ = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, cos, sin, mask_BxLxS)
+        x, _ = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, cos, sin, mask)
       else:
-        x, kv = layer(x, cos, sin, mask_BxLxS, kv, cache_index)
+        x, kv = layer(x, cos, sin, mask, kv, cache_index)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
@@ -192,9 +212,7 @@ class Qwen25VL(nnx.Module):
     if position_ids_3xBxL is None:
       position_ids_3xBxL, _ = self.positions(input_ids_BxL, image_grid_thw_Ix3, attention_mask_BxL)
     x = self.embed(input_ids_BxL, pixel_values_NxP, image_grid_thw_Ix3)
-    causal = jnp.tril(jnp.ones((l, l), bool))
-    mask = causal[None] & attention_mask_BxL.astype(bool)[:, None, :]
-    h, _ = self.decode_layers(x, position_ids_3xBxL, mask)
+    h, _ = self.decode_layers(x, position_ids_3xBxL, AttnMask(valid_BxL=attention_mask_BxL.astype(bool)))
     return h
 
   def __call__(self, input_ids_BxL, attention_mask_BxL=None, pixel_values_NxP=None, image_grid_thw_Ix3=None,
@@ -218,10 +236,15 @@ class Qwen25VL(nnx.Module):
     """Runs L new tokens (embeddings) at cache slots [cache_index, cache_index + L).
 
     ``kv_mask_BxS`` marks which cache slots hold real tokens (after this write);
-    queries attend causally by slot. Returns (hidden [B, L, D], new cache).
+    queries attend causally by slot. A prefill (``cache_index`` the literal 0, L > 1) needs only
+    the new keys, so it runs the configured attention kernel; later steps attend to the cache
+    densely. Returns (hidden [B, L, D], new cache).
     """
     l = x_BxLxD.shape[1]
     s = cache.k.shape[2]
+    if isinstance(cache_index, int) and cache_index == 0 and l > 1:
+      mask = AttnMask(valid_BxL=kv_mask_BxS[:, :l].astype(bool))
+      return self.decode_layers(x_BxLxD, position_ids_3xBxL, mask, cache, cache_index)
     q_slot = cache_index + jnp.arange(l)
     mask = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & kv_mask_BxS.astype(bool)[:, None, :]
-    return self.decode_layers(x_BxLxD, position_ids_3xBxL, mask, cache, cache_index)
+    return self.decode_layers(x_BxLxD, position_ids_3xBxL, AttnMask(dense_BxLxS=mask), cache, cache_index)

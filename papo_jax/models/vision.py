@@ -6,16 +6,22 @@ arithmetic (no Python loop over images, so it runs inside jit with traced grids)
 a window segment per 4x4-merged-token window and a frame segment per image frame.
 Rows of ``pixel_values`` beyond the images' patches (bucket padding) form their own
 segments and are dropped by the caller.
+
+Memory is linear in the number of images: windowed layers attend within bands of
+neighbouring windows, full layers per image padded to ``max_image_patches``
+(see :mod:`papo_jax.models.attention`); no ``[N, N]`` array is formed then.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from papo_jax.models.config import VisionConfig
-from papo_jax.models.layers import Dense, RMSNorm, apply_rope, softmax_attention
+from papo_jax.models.attention import segment_attention, window_attention
+from papo_jax.models.layers import Dense, RMSNorm, apply_rope
 from papo_jax.models.positions import image_token_layout
 from papo_jax.parallel import constrain
 
@@ -71,14 +77,16 @@ def vision_rope(row_N: jax.Array, col_N: jax.Array, head_dim: int, theta: float)
 
 class VisionAttention(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs, backend: str = "xla", block: int = 512):
     d = cfg.hidden_size
+    self.backend, self.block = backend, block
+    self.window_tokens = (cfg.window_merged * cfg.spatial_merge_size) ** 2
     self.qkv = Dense(d, 3 * d, use_bias=True, axes=("vision_embed", "heads"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.proj = Dense(d, d, use_bias=True, axes=("heads", "vision_embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.num_heads = cfg.num_heads
     self.head_dim = cfg.head_dim
 
-  def __call__(self, x_NxD, cos_NxH, sin_NxH, seg_N):
+  def __call__(self, x_NxD, cos_NxH, sin_NxH, layout: "AttentionLayout"):
     n = x_NxD.shape[0]
     qkv = self.qkv(x_NxD).reshape(n, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
@@ -86,9 +94,55 @@ class VisionAttention(nnx.Module):
     cos, sin = cos_NxH[:, None, :], sin_NxH[:, None, :]
     q = apply_rope(q.astype(jnp.float32), cos, sin).astype(x_NxD.dtype)
     k = apply_rope(k.astype(jnp.float32), cos, sin).astype(x_NxD.dtype)
-    mask = (seg_N[:, None] == seg_N[None, :])[None]
-    out = softmax_attention(q[None], k[None], v[None], mask, self.head_dim ** -0.5)[0]
+    kw = dict(scale=self.head_dim ** -0.5, backend=self.backend, block=self.block)
+    if layout.window_seg_N is not None:
+      out = window_attention(q, k, v, layout.window_seg_N, window=self.window_tokens, **kw)
+    else:
+      out = layout.per_image(lambda q_, k_, v_, seg_: segment_attention(q_, k_, v_, seg_, **kw), q, k, v)
     return self.proj(out.reshape(n, -1))
+
+
+def check_image_patches(image_grid_thw_Ix3, max_image_patches: int) -> None:
+  """Raises if an image has more patches than the per-image rows of the full-attention layers."""
+  if max_image_patches <= 0:
+    return
+  patches = np.prod(np.asarray(image_grid_thw_Ix3).reshape(-1, 3), axis=1)
+  if patches.size and patches.max() > max_image_patches:
+    raise ValueError(f"an image has {int(patches.max())} patches but the model's max_image_patches is "
+                     f"{max_image_patches}; raise it (set from data.max_pixels) or lower the pixel cap")
+
+
+class AttentionLayout:
+  """Which tokens of the (window-ordered) patch sequence attend to which, in one layer kind.
+
+  Windowed layers: ``window_seg_N``. Full layers: ``frame_seg_N``, gathered into rows of
+  ``max_len`` patches per image (``starts_I``/``lengths_I`` in patches) when ``max_len`` > 0,
+  else one sequence over all patches.
+  """
+
+  def __init__(self, *, window_seg_N=None, frame_seg_N=None, starts_I=None, lengths_I=None, max_len: int = 0):
+    self.window_seg_N, self.frame_seg_N = window_seg_N, frame_seg_N
+    self.starts_I, self.lengths_I, self.max_len = starts_I, lengths_I, max_len
+
+  def per_image(self, attend, q_NxHxD, k_NxHxD, v_NxHxD):
+    """Runs ``attend(q_BxLxHxD, k, v, seg_BxL)`` per image (padded rows) and scatters back to [N, H, D]."""
+    n = q_NxHxD.shape[0]
+    if self.max_len <= 0:
+      return attend(q_NxHxD[None], k_NxHxD[None], v_NxHxD[None], self.frame_seg_N[None])[0]
+    p = self.max_len
+    local = jnp.arange(p, dtype=jnp.int32)
+    real_IxP = local[None] < self.lengths_I[:, None]
+    rows_IxP = jnp.clip(self.starts_I[:, None] + local[None], 0, n - 1)
+    seg_IxP = jnp.where(real_IxP, self.frame_seg_N[rows_IxP], -1)
+    out_IxPxHxD = attend(q_NxHxD[rows_IxP], k_NxHxD[rows_IxP], v_NxHxD[rows_IxP], seg_IxP)
+    # Back to rows: row r belongs to image img_r at offset r - start; rows past every image stay 0.
+    r = jnp.arange(n, dtype=jnp.int32)
+    ends = self.starts_I + self.lengths_I
+    img = jnp.clip(jnp.searchsorted(ends, r, side="right"), 0, self.starts_I.shape[0] - 1)
+    off = r - self.starts_I[img]
+    inside = (off >= 0) & (off < self.lengths_I[img])
+    out = out_IxPxHxD[img, jnp.clip(off, 0, p - 1)]
+    return jnp.where(inside[:, None, None], out, 0).astype(q_NxHxD.dtype)
 
 
 class VisionMLP(nnx.Module):
@@ -106,14 +160,14 @@ class VisionMLP(nnx.Module):
 
 class VisionBlock(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs, backend: str = "xla", block: int = 512):
     self.norm1 = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
     self.norm2 = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
-    self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend, block=block)
     self.mlp = VisionMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, cos, sin, seg):
-    x = x + self.attn(self.norm1(x), cos, sin, seg)
+  def __call__(self, x, cos, sin, layout: AttentionLayout):
+    x = x + self.attn(self.norm1(x), cos, sin, layout)
     return x + self.mlp(self.norm2(x))
 
 
@@ -145,10 +199,13 @@ class PatchEmbed(nnx.Module):
 
 class VisionTower(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool = False, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool = False, rngs: nnx.Rngs,
+               backend: str = "xla", block: int = 512, max_image_patches: int = 0):
     self.cfg = cfg
+    self.max_image_patches = max_image_patches
     self.patch_embed = PatchEmbed(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.depth)])
+    self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend,
+                                        block=block) for _ in range(cfg.depth)])
     self.merger = PatchMerger(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dtype = dtype
     self.remat = remat
@@ -161,6 +218,8 @@ class VisionTower(nnx.Module):
     cfg = self.cfg
     n = pixel_values_NxP.shape[0]
     unit = cfg.spatial_merge_size ** 2
+    if not isinstance(image_grid_thw_Ix3, jax.core.Tracer):
+      check_image_patches(image_grid_thw_Ix3, min(self.max_image_patches, n))
     lay = vision_layout(image_grid_thw_Ix3, n, cfg.spatial_merge_size, cfg.window_merged)
     # HF casts pixel values to the tower's dtype before the patch embedding.
     x = self.patch_embed(pixel_values_NxP.astype(self.dtype))
@@ -168,14 +227,16 @@ class VisionTower(nnx.Module):
     win = lay["window_index_K"]
     to_window = lambda a: a.reshape(n // unit, unit, -1)[win].reshape(n, -1)
     x, cos, sin = to_window(x), to_window(cos), to_window(sin)
-    window_seg = jnp.repeat(lay["window_seg_K"][win], unit)
-    frame_seg = jnp.repeat(lay["frame_seg_K"][win], unit)
+    n_img, *_, starts = image_token_layout(image_grid_thw_Ix3, cfg.spatial_merge_size)
+    windows = AttentionLayout(window_seg_N=jnp.repeat(lay["window_seg_K"][win], unit))
+    frames = AttentionLayout(frame_seg_N=jnp.repeat(lay["frame_seg_K"][win], unit), starts_I=starts * unit,
+                             lengths_I=n_img * unit, max_len=min(self.max_image_patches, n))
     x = constrain(x, ("patch", "vision_embed"))
     for i, block in enumerate(self.blocks):
-      seg = frame_seg if i in cfg.fullatt_block_indexes else window_seg
+      layout = frames if i in cfg.fullatt_block_indexes else windows
       if self.remat:
-        x = nnx.remat(lambda blk, *a: blk(*a))(block, x, cos, sin, seg)
+        x = nnx.remat(lambda blk, xx, c, s: blk(xx, c, s, layout))(block, x, cos, sin)
       else:
-        x = block(x, cos, sin, seg)
+        x = block(x, cos, sin, layout)
     merged = self.merger(x)
     return merged[lay["rank_K"]]

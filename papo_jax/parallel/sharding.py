@@ -150,6 +150,11 @@ def use_mesh_rules(mesh: Mesh | None, rules=DEFAULT_RULES):
     _CONTEXT.reset(token)
 
 
+def current_mesh_rules() -> tuple[Mesh, Any] | None:
+  """(mesh, rules) of the enclosing :func:`use_mesh_rules`, or None."""
+  return _CONTEXT.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names; a no-op outside :func:`use_mesh_rules`."""
   ctx = _CONTEXT.get()
