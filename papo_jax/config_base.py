@@ -52,7 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
                 dapo_max_rounds=20)
   c.papo = dict(gamma=0.0, gamma_end=-1.0, eta_ori=0.0, eta_mask=0.0, mask_grad=False,
                 kl_prcp_clamp_hi=-1.0, kl_prcp_top_frac=-1.0)
-  c.reward = dict(name="math", timeout_s=5.0, num_workers=2)
+  # overlap: grade in the background while the log-prob pass runs (GRPO with optim.mini_batches > 1).
+  c.reward = dict(name="math", timeout_s=5.0, num_workers=2, overlap=True)
   c.optim = dict(lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0, mini_batches=3,
                  micro_batches=8, logprob_chunk=512)
   c.train = dict(steps=202, seed=0, warmup_sft_steps=0, warmup_lr=0.0)

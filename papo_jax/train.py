@@ -12,6 +12,7 @@ metrics -> checkpoint. Rerunning the same command resumes from the last checkpoi
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import sys
@@ -291,8 +292,18 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                                                            num_workers=c.reward.num_workers)))
   pad_id = mcfg.pad_token_id if mcfg.pad_token_id is not None else 0
 
-  def rollout_groups(batch, step):
-    """Samples n responses per prompt and grades them; returns groups, reward arrays, texts."""
+  reward_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reward")
+
+  def timed_reward(texts, answers):
+    t = time.perf_counter()
+    return reward_fn(texts, answers), time.perf_counter() - t
+
+  def rollout_groups(batch, step, overlap=False):
+    """Samples n responses per prompt and grades them; returns (rollout, tokens, mask, texts, rewards, timing).
+
+    With ``overlap`` the rewards are a future, graded in the background while the caller
+    runs the log-prob pass (which needs only the tokens).
+    """
     pv = None if batch.num_images == 0 else batch.pixel_values
     grid = None if batch.num_images == 0 else batch.image_grid_thw
     if grid is not None:
@@ -306,6 +317,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     t1 = time.perf_counter()
     texts = decode_responses(tokenizer, toks, mask, stop_ids)
     answers = [a for a in batch.answers for _ in range(c.rollout.n)]
+    if overlap:
+      return ro, toks, mask, texts, reward_thread.submit(timed_reward, texts, answers), {"timing/generate": t1 - t0}
     r = reward_fn(texts, answers)
     return ro, toks, mask, texts, r, {"timing/generate": t1 - t0, "timing/reward": time.perf_counter() - t1}
 
@@ -360,11 +373,19 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     groups, kept_rewards, texts_all = [], [], []
     dyn = adv_lib.DynamicSampler(c.data.batch_size, c.algo.dapo_max_rounds) if c.algo.dynamic_sampling else None
     rounds = 0
+    mb = c.optim.mini_batches
+    # GRPO with a separate log-prob pass: grade in the background while that pass runs.
+    overlap = c.reward.overlap and dyn is None and mb > 1
     while True:
       batch = next(it)
-      ro, toks, mask, texts, r, t = rollout_groups(batch, step * 1000 + rounds)
+      ro, toks, mask, texts, r, t = rollout_groups(batch, step * 1000 + rounds, overlap=overlap)
       for k, v in t.items():
         timing[k] = timing.get(k, 0.0) + v
+      if overlap:
+        pending_rewards, groups = r, to_groups(batch, toks, mask, np.zeros(toks.shape[0], np.float32))
+        texts_all += texts
+        rounds += 1
+        break
       adv = adv_lib.group_advantages(r["overall"], group_size=c.rollout.n)
       new = to_groups(batch, toks, mask, adv)
       rounds += 1
@@ -380,12 +401,28 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
         groups = [g for g, _ in kept]
         kept_rewards = [{k: np.concatenate([rr[k] for _, rr in kept]) for k in r}]
         break
-    rew = {k: np.concatenate([x[k] for x in kept_rewards]) for k in kept_rewards[0]}
     # ---------------------------------------------------------------- update
     tu = time.perf_counter()
-    mb = c.optim.mini_batches
     arrays = batching.assemble_train_batch(groups, micro_batches=mb * c.optim.micro_batches, pad_id=pad_id)
     full = TrainBatch(**{k: jnp.asarray(v) for k, v in arrays.items()})
+    if overlap:
+      # The log-prob pass is dispatched asynchronously; the rewards are awaited while it runs.
+      tl = time.perf_counter()
+      with use_mesh_rules(mesh):
+        old, masked, ref = logprob_pass(state.params, ref_params, full)
+      tw = time.perf_counter()
+      r, timing["timing/reward"] = pending_rewards.result()
+      timing["timing/reward_exposed"] = time.perf_counter() - tw
+      adv = adv_lib.group_advantages(r["overall"], group_size=c.rollout.n)
+      for g, a in zip(groups, adv.reshape(len(groups), c.rollout.n)):
+        g.advantages = a
+      kept_rewards = [r]
+      adv_arr = batching.assemble_train_batch(groups, micro_batches=mb * c.optim.micro_batches,
+                                              pad_id=pad_id)["advantages"]
+      jax.block_until_ready(old)
+      timing["timing/logprobs"] = time.perf_counter() - tl
+      full = full.replace(advantages=jnp.asarray(adv_arr), old_logp=old, mask_logp=masked, ref_logp=ref)
+    rew = {k: np.concatenate([x[k] for x in kept_rewards]) for k in kept_rewards[0]}
     if c.papo.gamma_end >= 0:
       g_now, e_scale = gamma_schedule(step, c.train.steps, c.papo.gamma, c.papo.gamma_end)
     else:
@@ -395,11 +432,12 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
         state, m = train_step(state, ref_params, full, jnp.float32(g_now), jnp.float32(e_scale))
         step_metrics = [m]
       else:
-        tl = time.perf_counter()
-        old, masked, ref = logprob_pass(state.params, ref_params, full)
-        jax.block_until_ready(old)
-        timing["timing/logprobs"] = time.perf_counter() - tl
-        full = full.replace(old_logp=old, mask_logp=masked, ref_logp=ref)
+        if not overlap:
+          tl = time.perf_counter()
+          old, masked, ref = logprob_pass(state.params, ref_params, full)
+          jax.block_until_ready(old)
+          timing["timing/logprobs"] = time.perf_counter() - tl
+          full = full.replace(old_logp=old, mask_logp=masked, ref_logp=ref)
         per = full.input_ids.shape[0] // mb
         step_metrics = []
         for j in range(mb):
@@ -460,6 +498,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     val_it.close()
   if hasattr(reward_fn, "close"):
     reward_fn.close()
+  reward_thread.shutdown()
   return metrics
 
 

@@ -61,6 +61,24 @@ def uninterrupted(tmp_path_factory):
   return wd
 
 
+def test_rewards_graded_during_logprob_pass_give_the_same_run(tmp_path):
+  """Grading in the background while the log-prob pass runs changes timing only, not results."""
+  runs = {}
+  for overlap in (True, False):
+    wd = str(tmp_path / f"overlap_{overlap}")
+    r = _run(wd, *SMALL, "--config.train.steps=3", "--config.optim.mini_batches=2", "--config.val.every=0",
+             f"--config.reward.overlap={overlap}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs[overlap] = (_final_params(wd), _metrics(wd))
+  (step_a, a), m_a = runs[True]
+  (step_b, b), m_b = runs[False]
+  assert step_a == step_b == 3
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert all("timing/reward_exposed" in m for m in m_a) and not any("timing/reward_exposed" in m for m in m_b)
+  assert [m["reward/overall"] for m in m_a] == [m["reward/overall"] for m in m_b]
+
+
 def test_sigkill_mid_run_resumes_bit_exact(uninterrupted, tmp_path):
   wd = str(tmp_path / "killed")
   p = _run(wd, *SMALL, wait=False)
