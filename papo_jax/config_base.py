@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
                  micro_batches=8, logprob_chunk=512)
   c.train = dict(steps=202, seed=0, warmup_sft_steps=0, warmup_lr=0.0)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.checkpoint = dict(every=10, keep=3)
+  c.checkpoint = dict(every=10, keep=3, dir="")   # dir: "" = <workdir>/checkpoints; gs:// URLs work
   c.log = dict(every=1, tensorboard=True, wandb_project="")
   c.monitor = dict(kl_prcp_spike=5.0, clipfrac_high_max=0.2, entropy_rise=0.5, window=10,
                    action="warn")   # warn | lower_gamma | stop

@@ -47,16 +47,18 @@ def load_trained_model(workdir: str, step: int | None = None):
 
   with open(os.path.join(workdir, "config.json")) as f:
     c = ml_collections.ConfigDict(json.load(f))
-  path = base_model_path(c, workdir)
+  from papo_jax.data.remote import localize
+  path = localize(base_model_path(c, workdir))
   model = models.from_pretrained(path, dtype=c.model.param_dtype, param_dtype=c.model.param_dtype)
   graphdef, params = nnx.split(model)
   tx = make_optimizer(c.optim.lr, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
                       weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip)
   abstract = jax.eval_shape(lambda: init_train_state(params, tx))
-  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  ckpt_dir = c.checkpoint.get("dir") or os.path.join(workdir, "checkpoints")
+  mngr = ocp.CheckpointManager(ckpt_dir)
   step = mngr.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
+    raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint")
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
   return nnx.merge(graphdef, restored.state.params), c, path, step
 

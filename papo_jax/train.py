@@ -81,6 +81,13 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
 # Pieces
 # ============================================================================================
 
+def checkpoint_dir(c, workdir: str) -> str:
+  """``checkpoint.dir`` (a local path or a ``gs://`` URL, which orbax writes natively) or ``workdir/checkpoints``."""
+  if c.checkpoint.get("dir"):
+    return c.checkpoint.dir
+  return os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir, "checkpoints")
+
+
 def max_image_patches(c, model_config) -> int:
   """Patches of the largest image the processor emits under ``data.max_pixels``.
 
@@ -210,7 +217,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   from tqdm import tqdm
 
   from papo_jax import models
-  from papo_jax.data import pipeline
+  from papo_jax.data import pipeline, remote
   from papo_jax.parallel import make_mesh, shard_state, use_mesh_rules
   from papo_jax.rl import advantages as adv_lib
   from papo_jax.rl import batching, rewards
@@ -230,7 +237,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("mesh %s over %d devices", dict(mesh.shape), jax.device_count())
 
   # ---------------------------------------------------------------- model & reference
-  model_path = c.model.path if c.model.init == "pretrained" else build_tiny_checkpoint(c, os.path.join(workdir, "model"))
+  model_path = (remote.localize(c.model.path) if c.model.init == "pretrained"
+                else build_tiny_checkpoint(c, os.path.join(workdir, "model")))
   model = models.from_pretrained(model_path, dtype=c.model.dtype, param_dtype=c.model.param_dtype, mesh=mesh,
                                  remat=c.model.remat, attention=c.model.attention,
                                  attention_block=c.model.attention_block,
@@ -260,7 +268,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   logprob_pass = jax.jit(make_logprob_pass(graphdef, step_cfg)) if c.optim.mini_batches > 1 else None
 
   # ---------------------------------------------------------------- data
-  data_cfg = pipeline.DataConfig(**{k: v for k, v in c.data.to_dict().items()})
+  data_cfg = pipeline.DataConfig(**{**c.data.to_dict(), "path": remote.localize(c.data.path) if c.data.path else ""})
   data_cfg.mask = dataclass_replace(data_cfg.mask, enabled=step_cfg.needs_mask)
   it = pipeline.make_iterator(data_cfg, ckpt_dir=model_path)
   tokenizer = it.processor.tokenizer if hasattr(it, "processor") else None
@@ -269,7 +277,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
 
   # ---------------------------------------------------------------- restore
-  ckpt_dir = os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir, "checkpoints")
+  ckpt_dir = checkpoint_dir(c, workdir)
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
       max_to_keep=c.checkpoint.keep, enable_async_checkpointing=True))
   start = 0
@@ -334,7 +342,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   val_it, val_sampler = None, None
   if c.val.every > 0:
     val_cfg = pipeline.DataConfig(**{**c.data.to_dict(), "source": c.val.source or c.data.source,
-                                     "path": c.val.path or c.data.path, "shuffle": False,
+                                     "path": remote.localize(c.val.path) if c.val.path else data_cfg.path,
+                                     "shuffle": False,
                                      "batch_size": c.val.batch_size or c.data.batch_size,
                                      "synthetic_seed": c.val.synthetic_seed})
     val_cfg.mask = dataclass_replace(val_cfg.mask, enabled=False)
