@@ -97,6 +97,16 @@ def max_image_patches(c, model_config) -> int:
   return c.data.max_pixels // model_config.vision.patch_size ** 2
 
 
+def tiny_checkpoint_once(c, path: str) -> str:
+  """Process 0 writes the tiny checkpoint; the others wait for it (a shared workdir)."""
+  if jax.process_index() == 0:
+    build_tiny_checkpoint(c, path)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("papo_tiny_checkpoint")
+  return path
+
+
 def build_tiny_checkpoint(c, path: str) -> str:
   """Writes a tiny random Qwen2.5-VL checkpoint (weights, config, tokenizer, processor) once."""
   from papo_jax import models
@@ -218,7 +228,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
   from papo_jax import models
   from papo_jax.data import pipeline, remote
-  from papo_jax.parallel import make_mesh, shard_state, use_mesh_rules
+  from papo_jax.parallel import allgather_objects, make_mesh, shard_state, to_host, use_mesh_rules
   from papo_jax.rl import advantages as adv_lib
   from papo_jax.rl import batching, rewards
   from papo_jax.rl.losses import LossConfig, gamma_schedule
@@ -228,17 +238,17 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
   validate_config(c)
   # ---------------------------------------------------------------- setup & mesh
-  if int(os.environ.get("JAX_PROCESS_COUNT", "1")) > 1 or os.environ.get("PAPO_DISTRIBUTED"):
-    jax.distributed.initialize()
+  start_distributed()
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
+  primary = jax.process_index() == 0
+  with open(os.path.join(workdir, "config.json" if primary else f"config.process{jax.process_index()}.json"), "w") as f:
     f.write(c.to_json_best_effort(indent=2))
   mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
   logging.info("mesh %s over %d devices", dict(mesh.shape), jax.device_count())
 
   # ---------------------------------------------------------------- model & reference
   model_path = (remote.localize(c.model.path) if c.model.init == "pretrained"
-                else build_tiny_checkpoint(c, os.path.join(workdir, "model")))
+                else tiny_checkpoint_once(c, os.path.join(workdir, "model")))
   model = models.from_pretrained(model_path, dtype=c.model.dtype, param_dtype=c.model.param_dtype, mesh=mesh,
                                  remat=c.model.remat, attention=c.model.attention,
                                  attention_block=c.model.attention_block,
@@ -270,7 +280,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---------------------------------------------------------------- data
   data_cfg = pipeline.DataConfig(**{**c.data.to_dict(), "path": remote.localize(c.data.path) if c.data.path else ""})
   data_cfg.mask = dataclass_replace(data_cfg.mask, enabled=step_cfg.needs_mask)
-  it = pipeline.make_iterator(data_cfg, ckpt_dir=model_path)
+  local_it = pipeline.make_iterator(data_cfg, ckpt_dir=model_path)
+  it = GlobalBatches(local_it, local_it.processor.pad_token_id)
   tokenizer = it.processor.tokenizer if hasattr(it, "processor") else None
   if tokenizer is None:
     from transformers import AutoTokenizer
@@ -286,7 +297,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     restored = mngr.restore(start, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
     state = restored.state
-    it.set_state(restored.meta["data"])
+    per_process = restored.meta.get("data_per_process")
+    it.set_state(per_process[jax.process_index()] if per_process else restored.meta["data"])
     logging.info("resumed from step %d in %s", start, ckpt_dir)
 
   # ---------------------------------------------------------------- sampler & rewards
@@ -321,7 +333,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.perf_counter()
     with use_mesh_rules(mesh):
       ro = sampler.generate(state.params, batch.input_ids, batch.attention_mask, pv, grid, n=c.rollout.n, key=key)
-    toks, mask = np.asarray(ro.tokens_RxT), np.asarray(ro.mask_RxT)
+    toks, mask = to_host((ro.tokens_RxT, ro.mask_RxT))
     t1 = time.perf_counter()
     texts = decode_responses(tokenizer, toks, mask, stop_ids)
     answers = [a for a in batch.answers for _ in range(c.rollout.n)]
@@ -347,7 +359,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                                      "batch_size": c.val.batch_size or c.data.batch_size,
                                      "synthetic_seed": c.val.synthetic_seed})
     val_cfg.mask = dataclass_replace(val_cfg.mask, enabled=False)
-    val_it = pipeline.make_iterator(val_cfg, processor=it.processor)
+    val_it = GlobalBatches(pipeline.make_iterator(val_cfg, processor=it.processor), it.processor.pad_token_id)
     val_sampler = Sampler(graphdef, dataclass_replace(sampler.cfg, greedy=True), mesh=mesh)
     val_start = val_it.get_state()
 
@@ -361,7 +373,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
         ro = val_sampler.generate(state.params, vb.input_ids, vb.attention_mask,
                                   vb.pixel_values if vb.num_images else None,
                                   vb.image_grid_thw if vb.num_images else None, n=1, key=0)
-      texts = decode_responses(tokenizer, np.asarray(ro.tokens_RxT), np.asarray(ro.mask_RxT), stop_ids)
+      texts = decode_responses(tokenizer, *to_host((ro.tokens_RxT, ro.mask_RxT)), stop_ids)
       scores.append(reward_fn(texts, list(vb.answers)))
     return {f"val/{k}": float(np.concatenate([s[k] for s in scores]).mean()) for k in scores[0]}
 
@@ -413,7 +425,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---------------------------------------------------------------- update
     tu = time.perf_counter()
     arrays = batching.assemble_train_batch(groups, micro_batches=mb * c.optim.micro_batches, pad_id=pad_id)
-    full = TrainBatch(**{k: jnp.asarray(v) for k, v in arrays.items()})
+    full = device_batch(arrays, mesh)
     if overlap:
       # The log-prob pass is dispatched asynchronously; the rewards are awaited while it runs.
       tl = time.perf_counter()
@@ -430,7 +442,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                                               pad_id=pad_id)["advantages"]
       jax.block_until_ready(old)
       timing["timing/logprobs"] = time.perf_counter() - tl
-      full = full.replace(advantages=jnp.asarray(adv_arr), old_logp=old, mask_logp=masked, ref_logp=ref)
+      full = full.replace(advantages=device_batch({"advantages": adv_arr}, mesh, whole=False)["advantages"],
+                          old_logp=old, mask_logp=masked, ref_logp=ref)
     rew = {k: np.concatenate([x[k] for x in kept_rewards]) for k in kept_rewards[0]}
     if c.papo.gamma_end >= 0:
       g_now, e_scale = gamma_schedule(step, c.train.steps, c.papo.gamma, c.papo.gamma_end)
@@ -453,7 +466,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
           part = jax.tree.map(lambda a: a[j * per:(j + 1) * per], full)
           state, m = train_step(state, None, part, jnp.float32(g_now), jnp.float32(e_scale))
           step_metrics.append(m)
-    step_metrics = jax.device_get(step_metrics)
+    step_metrics = to_host(step_metrics)
     timing["timing/update"] = time.perf_counter() - tu
     # ---------------------------------------------------------------- metrics
     lengths = np.concatenate([g.response_mask.sum(-1) for g in groups])
@@ -499,7 +512,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---------------------------------------------------------------- checkpoint
     if (step + 1) % c.checkpoint.every == 0 or step + 1 == c.train.steps:
       mngr.save(step + 1, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"data": it.get_state(), "step": step + 1})))
+          state=ocp.args.StandardSave(state),
+          meta=ocp.args.JsonSave({"data": it.get_state(), "data_per_process": allgather_objects(it.get_state()),
+                                  "step": step + 1})))
   mngr.wait_until_finished()
   writer.close()
   it.close()
@@ -518,6 +533,63 @@ def pinned_shardings(tree, mesh):
     s = getattr(x, "sharding", None)
     return s if isinstance(s, NamedSharding) else NamedSharding(mesh, PartitionSpec())
   return jax.tree.map(sh, tree)
+
+
+def start_distributed() -> None:
+  """Joins the other processes of a multi-host run (TPU pods and clusters are auto-detected).
+
+  ``PAPO_DISTRIBUTED=1`` asks for it; ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` +
+  ``JAX_PROCESS_ID`` give the processes explicitly (any platform, CPU included).
+  """
+  env = os.environ
+  if not (env.get("PAPO_DISTRIBUTED") or int(env.get("JAX_NUM_PROCESSES", "1")) > 1):
+    return
+  if jax.distributed.is_initialized():
+    return
+  kw = {}
+  if env.get("JAX_NUM_PROCESSES"):
+    kw = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"], num_processes=int(env["JAX_NUM_PROCESSES"]),
+              process_id=int(env["JAX_PROCESS_ID"]))
+    if jax.config.jax_platforms in (None, "", "cpu") and "cpu" in (env.get("JAX_PLATFORMS") or "cpu"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kw)
+  logging.info("process %d of %d", jax.process_index(), jax.process_count())
+
+
+class GlobalBatches:
+  """This process's data shard, joined with the other processes' into one global batch.
+
+  Every process reads only its own records; each ``next`` exchanges the local batches
+  so all processes hold the same global PromptBatch (one process: the local batch).
+  ``get_state``/``set_state`` are this process's own position.
+  """
+
+  def __init__(self, local_iterator, pad_id: int):
+    self.local, self.pad_id = local_iterator, pad_id
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    from papo_jax.data.pipeline import concat_batches
+    from papo_jax.parallel import allgather_objects
+    return concat_batches(allgather_objects(next(self.local)), self.pad_id)
+
+  def __getattr__(self, name):   # processor, get_state, set_state, close, ...
+    return getattr(self.local, name)
+
+
+def device_batch(arrays: dict, mesh, whole: bool = True):
+  """Host arrays (the same on every process) -> global device arrays of a TrainBatch.
+
+  Row-indexed fields [M, b, ...] are sharded over the batch axes; the images of a
+  micro-batch ([M, N, ...], consumed by the vision tower whole) are replicated.
+  """
+  from papo_jax.parallel import global_array
+  from papo_jax.rl.train_step import TrainBatch
+  whole_image = ("pixel_values", "masked_pixel_values", "image_grid_thw")
+  out = {k: global_array(v, mesh, None if k in whole_image else (None, "batch")) for k, v in arrays.items()}
+  return TrainBatch(**out) if whole else out
 
 
 def dataclass_replace(obj, **kw):
@@ -571,7 +643,7 @@ def format_warmup(c, graphdef, state, it, tokenizer, stop_ids, pad_id, mesh):
       groups.append(batching.Group(*parts[b], responses=resp, response_mask=rmask, advantages=np.zeros(n, np.float32)))
     arrays = batching.assemble_train_batch(groups, micro_batches=c.optim.micro_batches, pad_id=pad_id)
     with use_mesh_rules(mesh):
-      sft_state, m = sft(sft_state, None, TrainBatch(**{k: jnp.asarray(v) for k, v in arrays.items()}))
+      sft_state, m = sft(sft_state, None, device_batch(arrays, mesh))
     if (i + 1) % 10 == 0 or i == 0:
       logging.info("format warm-up %d/%d: nll %.3f", i + 1, c.train.warmup_sft_steps, float(m["actor/entropy_ori"]))
   return state.replace(params=sft_state.params)

@@ -198,6 +198,51 @@ def collate(examples, pad_id, buckets, patch_dim, with_masked):
   return batch, {"patch_bucket_overflow": int(over_p), "image_bucket_overflow": int(over_i)}
 
 
+def concat_batches(batches, pad_id):
+  """One PromptBatch holding the rows of ``batches`` in order (the processes' local batches).
+
+  Prompts are left-padded to the longest, real patches and grid rows are packed first
+  (the layout the model expects), padding after, to the sum of the batches' padded sizes
+  so the shapes stay within the buckets' combinations.
+  """
+  if len(batches) == 1:
+    return batches[0]
+  lp = max(b.input_ids.shape[1] for b in batches)
+  rows = sum(b.batch_size for b in batches)
+  input_ids = np.full((rows, lp), pad_id, np.int32)
+  attention_mask = np.zeros((rows, lp), np.int32)
+  r = 0
+  for b in batches:
+    input_ids[r:r + b.batch_size, lp - b.input_ids.shape[1]:] = b.input_ids
+    attention_mask[r:r + b.batch_size, lp - b.input_ids.shape[1]:] = b.attention_mask
+    r += b.batch_size
+  n_patch = sum(b.num_patches for b in batches)
+  n_img = sum(b.num_images for b in batches)
+
+  def pack(key, total):
+    parts = [getattr(b, key)[:b.num_patches] for b in batches]
+    out = np.zeros((total,) + parts[0].shape[1:], parts[0].dtype)
+    out[:n_patch] = np.concatenate(parts)
+    return out
+
+  grid = np.zeros((sum(b.image_grid_thw.shape[0] for b in batches), 3), np.int32)
+  grid[:n_img] = np.concatenate([b.image_grid_thw[:b.num_images] for b in batches])
+  total_patches = sum(b.pixel_values.shape[0] for b in batches)
+  # Counters add up over processes; the batch index is the same everywhere.
+  stats = {}
+  for b in batches:
+    for k, v in b.stats.items():
+      stats[k] = v if k == "batch_index" else stats.get(k, 0) + v
+  return PromptBatch(
+      input_ids=input_ids, attention_mask=attention_mask, pixel_values=pack("pixel_values", total_patches),
+      masked_pixel_values=(pack("masked_pixel_values", total_patches)
+                           if batches[0].masked_pixel_values is not None else None),
+      image_grid_thw=grid, image_counts=np.concatenate([b.image_counts for b in batches]),
+      num_patches=n_patch, num_images=n_img, record_ids=np.concatenate([b.record_ids for b in batches]),
+      answers=sum((list(b.answers) for b in batches), []), kinds=sum((list(b.kinds) for b in batches), []),
+      problems=sum((list(b.problems) for b in batches), []), stats=stats)
+
+
 def _reason_of(exc):
   if isinstance(exc, sources_lib.RecordError):
     return exc.reason

@@ -23,3 +23,7 @@ __all__ = [
     "state_shardings",
     "use_mesh_rules",
 ]
+
+from papo_jax.parallel.multihost import allgather_objects, global_array, to_host  # noqa: E402
+
+__all__ += ["allgather_objects", "global_array", "to_host"]
