@@ -62,8 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.log = dict(every=1, tensorboard=True, wandb_project="")
   c.monitor = dict(kl_prcp_spike=5.0, clipfrac_high_max=0.2, entropy_rise=0.5, window=10,
                    action="warn")   # warn | lower_gamma | stop
+  # Evaluation (papo_jax/eval.py; papo.md section 7). benchmarks: () = the paper's all;
+  # custom: name -> dict(pattern=, group=general|vision, problem=, answer=, images=, closed_form=).
   c.eval = dict(k=8, temperature=1.0, top_p=1.0, top_k=50, max_new_tokens=2048, max_pixels=589824,
-                min_pixels=1024)
+                min_pixels=1024, data_dir="", benchmarks=(), batch_size=16, seed=0,
+                custom=ml_collections.ConfigDict())
   return c
 
 

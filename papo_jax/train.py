@@ -226,6 +226,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   import optax
   from tqdm import tqdm
 
+  from papo_jax import eval as eval_lib
   from papo_jax import models
   from papo_jax.data import pipeline, remote
   from papo_jax.parallel import allgather_objects, make_mesh, shard_state, to_host, use_mesh_rules
@@ -370,11 +371,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     for _ in range(c.val.batches):
       vb = next(val_it)
       with use_mesh_rules(mesh):
-        ro = val_sampler.generate(state.params, vb.input_ids, vb.attention_mask,
-                                  vb.pixel_values if vb.num_images else None,
-                                  vb.image_grid_thw if vb.num_images else None, n=1, key=0)
-      texts = decode_responses(tokenizer, *to_host((ro.tokens_RxT, ro.mask_RxT)), stop_ids)
-      scores.append(reward_fn(texts, list(vb.answers)))
+        _, r = eval_lib.score_prompt_batch(val_sampler, state.params, vb, k=1, key=0, reward_fn=reward_fn,
+                                           tokenizer=tokenizer, stop_ids=stop_ids)
+      scores.append(r)
     return {f"val/{k}": float(np.concatenate([s[k] for s in scores]).mean()) for k in scores[0]}
 
   # ---------------------------------------------------------------- supervised format warm-up (tiny demo)

@@ -163,3 +163,20 @@ def test_tiny_demo_learns(tmp_path):
   val = [r for r in rows if "val/overall" in r]
   assert [r["step"] for r in val] == [20, 40, 50]  # held-out validation every 20 steps and at the end
   assert all(0.0 <= r["val/accuracy"] <= 1.0 for r in val)
+
+
+def test_eval_reads_a_training_workdir(uninterrupted, tmp_path):
+  """`papo_jax.eval --checkpoint=<workdir>` evaluates the latest training step (the same params)."""
+  import test_eval
+  test_eval.write_benchmarks(str(tmp_path / "bench"))
+  c = test_eval.tiny_eval_config(tmp_path, benchmarks=("geometry3k",))
+  cmd = [sys.executable, "-m", "papo_jax.eval", f"--config={TINY}:grpo", f"--checkpoint={uninterrupted}",
+         f"--out={tmp_path / 'out'}", "--config.reward.name=synthetic", f"--config.eval.data_dir={c.eval.data_dir}",
+         "--config.eval.k=2", "--config.eval.max_new_tokens=4", "--config.eval.batch_size=2",
+         "--config.eval.max_pixels=3136", "--config.eval.benchmarks=('geometry3k',)"]
+  r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  assert "| geometry3k | general | 5 | 0 |" in r.stdout
+  assert "evaluating" in r.stderr and "step 12" in r.stderr
+  res = json.load(open(tmp_path / "out" / "results.json"))
+  assert res["k"] == 2 and res["summaries"][0]["questions"] == 5

@@ -59,14 +59,35 @@ def _image_item(item, base_dir, where):
   raise RecordError("image_missing", f"{where}: image entry has no bytes or path: {str(item)[:80]!r}")
 
 
+def _user_text(messages, where):
+  """The last user turn of a chat ``messages`` list, images as ``<image>`` placeholders."""
+  users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+  if not users:
+    raise RecordError("missing_field", f"{where}: messages hold no user turn")
+  content = users[-1].get("content")
+  if isinstance(content, str):
+    return content
+  parts = []
+  for part in content or []:
+    if isinstance(part, dict) and part.get("type") == "image":
+      parts.append("<image>")
+    elif isinstance(part, dict) and part.get("type") == "text":
+      parts.append(str(part.get("text", "")))
+  return "".join(parts)
+
+
 def normalize_record(row, fields, record_id, origin, base_dir=None):
   """A raw row (dict) → the canonical record dict, or RecordError."""
   where = f"record {record_id} of {origin}"
   out = {"record_id": int(record_id), "origin": origin}
   for key, col in (("problem", fields.problem), ("answer", fields.answer)):
     val = row.get(col)
+    if val is None and key == "problem":
+      val = row.get("messages")   # chat-format datasets: the prompt is the last user turn
     if val is None:
       raise RecordError("missing_field", f"{where}: missing field {col!r}")
+    if key == "problem" and isinstance(val, (list, tuple)):
+      val = _user_text(val, where)
     out[key] = str(val)
   images = row.get(fields.images)
   if images is None:
@@ -84,10 +105,11 @@ class TableSource:
   """An in-memory pyarrow Table (only the needed columns) with record access."""
 
   def __init__(self, table, fields, name, base_dir):
-    missing = [c for c in (fields.problem, fields.answer, fields.images) if c not in table.column_names]
+    have = set(table.column_names) | ({fields.problem} if "messages" in table.column_names else set())
+    missing = [c for c in (fields.problem, fields.answer, fields.images) if c not in have]
     if missing:
       raise ValueError(f"{name}: columns {missing} not found; it has {table.column_names}")
-    cols = [c for c in (fields.problem, fields.answer, fields.images, fields.kind)
+    cols = [c for c in (fields.problem, fields.answer, fields.images, fields.kind, "messages")
             if c and c in table.column_names]
     self.table = table.select(cols).combine_chunks()
     self._columns = {c: self.table.column(c) for c in cols}
@@ -120,6 +142,8 @@ def parquet_source(path, fields=Fields()):
   for f in files:
     names = pq.read_schema(f).names
     cols = [c for c in (fields.problem, fields.answer, fields.images, fields.kind) if c in names]
+    if fields.problem not in names and "messages" in names:
+      cols.append("messages")
     tables.append(pq.read_table(f, columns=cols))
   table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
   name = os.path.basename(files[0]) if len(files) == 1 else f"{path} ({len(files)} files)"

@@ -1,0 +1,154 @@
+"""Evaluation: avg@k tables equal an independent recomputation from the JSONL; skips; resume."""
+
+import csv
+import hashlib
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from papo_jax import eval as E
+from papo_jax.data import testing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fake_reward(responses, answers):
+  """A deterministic grader with varied 0/1 scores (a random tiny model is never right)."""
+  h = [int(hashlib.sha1((r + a).encode()).hexdigest(), 16) for r, a in zip(responses, answers)]
+  acc = np.asarray([x % 3 == 0 for x in h], np.float32)
+  fmt = np.asarray([x % 2 == 0 for x in h], np.float32)
+  return {"overall": 0.9 * acc + 0.1 * fmt, "accuracy": acc, "format": fmt}
+
+
+def _img(seed):
+  return testing.encode(testing.natural_image(56, 56, seed))
+
+
+def write_benchmarks(root):
+  """Three small benchmarks in their published layouts, with one bad and one open-ended record."""
+  os.makedirs(os.path.join(root, "geometry3k"))
+  testing.write_parquet(os.path.join(root, "geometry3k", "test.parquet"),
+                        [dict(problem=f"<image>Find x. ({i})", answer=str(i + 2), images=[_img(i)]) for i in range(5)])
+  os.makedirs(os.path.join(root, "mathvista"))
+  recs = [dict(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"What is {i}+1?"}]}],
+               answer=str(i + 1), images=[_img(10 + i)]) for i in range(4)]
+  recs.append(dict(messages=[{"role": "user", "content": "<image>Describe the plot."}],
+                   answer="The curve rises then falls slowly", images=[_img(20)]))      # open-ended: filtered
+  recs.append(dict(messages=[{"role": "user", "content": "<image>Count."}], answer="3",
+                   images=["images/missing.png"]))                                          # missing image: skipped
+  testing.write_jsonl(os.path.join(root, "mathvista", "testmini.jsonl"), recs)
+  os.makedirs(os.path.join(root, "counting"))
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  # A chat-format parquet file: a `messages` column instead of `problem`, images as bytes.
+  pq.write_table(pa.table({
+      "messages": [[{"role": "user", "content": "<image>How many objects?"}]] * 3,
+      "answer": [str(i) for i in range(3)],
+      "images": [[_img(30 + i)] for i in range(3)]}), os.path.join(root, "counting", "a.parquet"))
+
+
+def tiny_eval_config(tmp_path, benchmarks=("geometry3k", "mathvista", "counting")):
+  spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "configs", "tiny.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("grpo")
+  c.reward.name = "test_eval:fake_reward"
+  c.eval.data_dir = str(tmp_path / "bench")
+  c.eval.k, c.eval.max_new_tokens, c.eval.batch_size = 3, 6, 2
+  c.eval.max_pixels, c.eval.min_pixels = 56 * 56, 28 * 28
+  c.eval.benchmarks = benchmarks
+  c.eval.custom = {"counting": dict(pattern="counting/*", group="vision")}
+  c.data.num_threads = 1
+  return c
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+  from papo_jax.train import build_tiny_checkpoint
+  path = str(tmp_path_factory.mktemp("tiny") / "model")
+  c = tiny_eval_config(tmp_path_factory.getbasetemp())
+  return build_tiny_checkpoint(c, path)
+
+
+def _recompute(out_dir, names):
+  """Independent: per benchmark, the mean over questions of each question's mean accuracy."""
+  per = {}
+  for n in names:
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, f"{n}.jsonl"))]
+    per[n] = 100.0 * sum(sum(r["accuracy"]) / len(r["accuracy"]) for r in rows) / len(rows)
+  return per
+
+
+def test_eval_report_matches_recomputation_with_skips_and_resume(tmp_path, tiny_model_dir):
+  write_benchmarks(str(tmp_path / "bench"))
+  out = str(tmp_path / "out")
+  # An interrupted evaluation: only the first benchmark finished.
+  E.run(tiny_eval_config(tmp_path, benchmarks=("geometry3k",)), tiny_model_dir, out)
+  first = os.path.getmtime(os.path.join(out, "geometry3k.jsonl"))
+  res = E.run(tiny_eval_config(tmp_path), tiny_model_dir, out)
+  assert os.path.getmtime(os.path.join(out, "geometry3k.jsonl")) == first     # read back, not redone
+
+  names = ["geometry3k", "mathvista", "counting"]
+  per = _recompute(out, names)
+  for n in names:
+    assert res["benchmarks"][n] == pytest.approx(per[n], abs=1e-9)
+    rows = [json.loads(line) for line in open(os.path.join(out, f"{n}.jsonl"))]
+    assert all(len(r["responses"]) == 3 and len(r["accuracy"]) == 3 for r in rows)   # k samples per question
+  assert len(open(os.path.join(out, "geometry3k.jsonl")).readlines()) == 5
+  assert len(open(os.path.join(out, "mathvista.jsonl")).readlines()) == 4
+  assert 0 < np.mean(list(per.values())) < 100            # the scores vary, so the check means something
+  general = np.mean([per["geometry3k"], per["mathvista"]])
+  assert res["mean/general"] == pytest.approx(general)
+  assert res["mean/vision"] == pytest.approx(per["counting"])
+  assert res["mean/overall"] == pytest.approx(np.mean(list(per.values())))
+  # The skipped records are reported with their reasons.
+  mv = json.load(open(os.path.join(out, "mathvista.done.json")))
+  assert mv["skipped"].get("not_closed_form") == 1 and sum(mv["skipped"].values()) == 2, mv["skipped"]
+  table = open(os.path.join(out, "results.md")).read()
+  assert f"| mathvista | general | 4 | 2 | {per['mathvista']:.2f} |" in table
+  with open(os.path.join(out, "results.csv")) as f:
+    csv_rows = {r["benchmark"]: float(r["avg@k"]) for r in csv.DictReader(f)}
+  assert csv_rows["mean/overall"] == pytest.approx(res["mean/overall"])
+
+  # Delta%rel against a baseline: the mean of per-benchmark relative gains.
+  base = {"geometry3k": 20.0, "mathvista": 40.0, "counting": 10.0}
+  base_csv = str(tmp_path / "base.csv")
+  with open(base_csv, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=["benchmark", "group", "questions", "skipped", "avg@k"])
+    w.writeheader()
+    for n, v in base.items():
+      w.writerow(dict(benchmark=n, group="", questions=1, skipped=0, **{"avg@k": v}))
+    w.writerow(dict(benchmark="mean/overall", group="", questions="", skipped="", **{"avg@k": 99.0}))
+  res2 = E.run(tiny_eval_config(tmp_path), tiny_model_dir, out, baseline_path=base_csv)
+  gains = [(per[n] - base[n]) / base[n] * 100 for n in names]
+  assert res2["delta_rel"] == pytest.approx(np.mean(gains))
+  assert "Delta%rel" in open(os.path.join(out, "results.md")).read()
+
+
+def test_paper_arithmetic():
+  """Group means are unweighted; Delta%rel of the paper's 3B overall scores (GRPO 47.92 -> PAPO-G 49.92)."""
+  assert E.relative_gain(49.92, 47.92) == pytest.approx(4.1736, abs=1e-4)
+  per = {"a": 50.0, "b": 40.0, "c": 30.0}
+  out = E.summarize(per, {"a": "general", "b": "general", "c": "vision"}, {"a": 40.0, "b": 40.0, "c": 40.0})
+  assert out["mean/general"] == 45.0 and out["mean/vision"] == 30.0 and out["mean/overall"] == 40.0
+  assert out["delta_rel"] == pytest.approx((25.0 + 0.0 - 25.0) / 3)
+  assert E.avg_at_k(np.asarray([[1, 0, 0, 1], [1, 1, 1, 1]])) == pytest.approx(75.0)
+
+
+@pytest.mark.parametrize("answer,closed", [("3", True), ("-2.5", True), ("3/4", True), ("B", True), ("(c)", True),
+                                           ("\\frac{\\sqrt{3}}{2}", True), ("12%", True), ("2\\pi", True),
+                                           ("The curve rises then falls", False), ("yes because", False)])
+def test_closed_form_filter(answer, closed):
+  assert E.is_closed_form(answer) == closed
+
+
+def test_config_errors_name_the_field(tmp_path, tiny_model_dir):
+  c = tiny_eval_config(tmp_path, benchmarks=("nope",))
+  with pytest.raises(ValueError, match="eval.benchmarks"):
+    E.run(c, tiny_model_dir, str(tmp_path / "o"))
+  c.eval.data_dir = ""
+  with pytest.raises(ValueError, match="eval.data_dir"):
+    E.run(c, tiny_model_dir, str(tmp_path / "o"))
