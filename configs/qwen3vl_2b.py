@@ -1,11 +1,18 @@
-"""Qwen3-VL-2B-Instruct with PAPO-G on ViRL39K.
+r"""Qwen3-VL-2B-Instruct with PAPO-G on ViRL39K.
 
     python -m papo_jax.train --config=configs/qwen3vl_2b.py:papo_g --workdir=gs://BUCKET/papo_g_q3vl2b \
         --config.model.path=/ckpt/Qwen3-VL-2B-Instruct --config.data.path=/data/ViRL39K/train.parquet
 
-Variants: papo_g (gamma 0.01, ref KL 0.01, no entropy terms), grpo. Expected (avg@8):
-GRPO 46.84 -> PAPO-G 49.30. Requires Qwen3-VL model support in papo_jax.models
-(model_type 'qwen3_vl'); until then from_pretrained reports the unsupported model_type.
+Variants (papo.md §2): papo_g (default: gamma 0.01, ref KL 0.01, no entropy terms), grpo.
+Expected (avg@8 over 8 benchmarks, papo.md §7): GRPO 46.84 -> PAPO-G 49.30. Unlike the
+authors' Qwen3-VL branch, the perception KL really reaches the gradient here
+(tests/test_models_qwen3_vl.py). Hardware: none is published for this run; 2.13 B parameters
+make 26 GB of fp32 weights + AdamW moments and a 4 GB bf16 reference, so 2 x H100-80G (the
+paper's 3B setting) or a TPU v5e-8 / v4-8 is ample.
+The checkpoint's files set the rest: Qwen3-VL's processor (patch 16, 32 px resize factor,
+mean/std 0.5) and chat template (no default system prompt); the reward's format check
+follows the template (reward.format_mode "auto": a "Thinking" checkpoint's template opens
+<think> itself, so responses are graded with .*</think>.*\boxed{}.*).
 """
 
 from papo_jax.config_base import paper_config

@@ -6,15 +6,23 @@
 Hardware: a laptop / 2-core CPU, a few minutes. A short supervised warm-up teaches the
 answer format with *random* answers of the right kind (so it starts at chance accuracy);
 RL must then learn to read the image: mean reward rises from ~0.3-0.4 to well above.
-Variants: papo_g (default), grpo, papo_g_no_ref_kl, dapo, papo_d.
+Variants: papo_g (default), grpo, papo_g_no_ref_kl, dapo, papo_d; a ``qwen3_`` prefix (or just
+``qwen3``, i.e. qwen3_papo_g) swaps in a tiny random Qwen3-VL (DeepStack, interleaved MRoPE,
+qk-norm; patch 16, so the 56 px synthetic images are resized to 64 px = 4 image tokens):
+
+    python -m papo_jax.train --config=configs/tiny.py:qwen3 --workdir=/tmp/papo_tiny_qwen3
 """
 
 from papo_jax.config_base import apply_variant, base_config
 
 
 def get_config(variant: str = "papo_g"):
+  family = "qwen2_5_vl"
+  if variant == "qwen3" or variant.startswith("qwen3_"):
+    family, variant = "qwen3_vl", variant[len("qwen3_"):] or "papo_g"
   c = base_config()
   c.model.init = "tiny_random"
+  c.model.tiny.family = family
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
   c.model.ref_dtype = "float32"
@@ -45,6 +53,8 @@ def get_config(variant: str = "papo_g"):
   c.train.warmup_lr = 3e-3
   c.checkpoint.every = 10
   c.log.tensorboard = True
+  if family == "qwen3_vl":   # factor 32: 64 x 64 px, the same 4 image tokens per image as 56 x 56 at factor 28
+    c.data.min_pixels = c.data.max_pixels = 64 * 64
   apply_variant(c, variant)
   # Tiny-model scale: a stronger perception push than the paper's 7B/3B values.
   if c.papo.gamma:

@@ -30,9 +30,11 @@ def base_config() -> ml_collections.ConfigDict:
       remat=True,
       attention="auto",        # auto | xla | cudnn | pallas_tpu (papo_jax/models/attention.py)
       attention_block=512,     # Pallas TPU splash block size
+      # init=tiny_random: family qwen2_5_vl | qwen3_vl (its DeepStack feeds the first layers from
+      # vision blocks 0..; a 4x4 position table).
       tiny=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vision_depth=2, vision_hidden_size=32, vision_heads=2,
-                vision_intermediate_size=64, seed=0),
+                vision_intermediate_size=64, seed=0, family="qwen2_5_vl"),
   )
   c.data = dict(
       source="parquet", path="", problem_key="problem", answer_key="answer", images_key="images", kind_key="kind",
@@ -53,7 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.papo = dict(gamma=0.0, gamma_end=-1.0, eta_ori=0.0, eta_mask=0.0, mask_grad=False,
                 kl_prcp_clamp_hi=-1.0, kl_prcp_top_frac=-1.0)
   # overlap: grade in the background while the log-prob pass runs (GRPO with optim.mini_batches > 1).
-  c.reward = dict(name="math", timeout_s=5.0, num_workers=2, overlap=True)
+  # format_mode: think (<think>.*</think>.*\boxed{}) | thinking (.*</think>.*\boxed{}, for chat
+  # templates that open <think> themselves: Qwen3-VL "Thinking") | auto (from the chat template).
+  c.reward = dict(name="math", timeout_s=5.0, num_workers=2, overlap=True, format_mode="auto")
   c.optim = dict(lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0, mini_batches=3,
                  micro_batches=8, logprob_chunk=512)
   c.train = dict(steps=202, seed=0, warmup_sft_steps=0, warmup_lr=0.0)

@@ -75,6 +75,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
        f"{c.model.attention!r} is not auto|xla|cudnn|pallas_tpu")
   need(not (c.model.attention == "cudnn" and c.model.dtype == "float32"), "model.attention",
        "cudnn needs model.dtype bfloat16 or float16")
+  need(c.model.tiny.family in ("qwen2_5_vl", "qwen3_vl"), "model.tiny.family",
+       f"{c.model.tiny.family!r} is not qwen2_5_vl|qwen3_vl")
+  need(c.reward.format_mode in ("auto", "think", "thinking"), "reward.format_mode",
+       f"{c.reward.format_mode!r} is not auto|think|thinking")
 
 
 # ============================================================================================
@@ -108,14 +112,14 @@ def tiny_checkpoint_once(c, path: str) -> str:
 
 
 def build_tiny_checkpoint(c, path: str) -> str:
-  """Writes a tiny random Qwen2.5-VL checkpoint (weights, config, tokenizer, processor) once."""
+  """Writes a tiny random checkpoint of ``model.tiny.family`` (weights, config, tokenizer, processor) once."""
   from papo_jax import models
   from papo_jax.data import tiny_tokenizer
   if os.path.exists(os.path.join(path, "model.safetensors")):
     return path
-  ids = tiny_tokenizer.build_tiny_checkpoint_files(path, min_pixels=c.data.min_pixels or 3136,
-                                                   max_pixels=c.data.max_pixels or 12845056)
   t = c.model.tiny
+  ids = tiny_tokenizer.build_tiny_checkpoint_files(path, min_pixels=c.data.min_pixels or None,
+                                                   max_pixels=c.data.max_pixels or None, family=t.family)
   hf = dict(model_type="qwen2_5_vl", vocab_size=ids["vocab_size"], hidden_size=t.hidden_size,
             intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
             num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
@@ -128,9 +132,40 @@ def build_tiny_checkpoint(c, path: str) -> str:
                                intermediate_size=t.vision_intermediate_size, out_hidden_size=t.hidden_size,
                                fullatt_block_indexes=[t.vision_depth - 1], patch_size=14, spatial_merge_size=2,
                                temporal_patch_size=2, window_size=112, tokens_per_second=2))
+  if t.family == "qwen3_vl":
+    hf = _tiny_qwen3_vl_config(t, ids)
   cfg = models.from_hf_dict(hf, dtype="float32", param_dtype="float32")
   models.save_pretrained(models.init_model(cfg.replace(hf_dict=None), seed=t.seed), path)
   return path
+
+
+def _tiny_qwen3_vl_config(t, ids) -> dict:
+  """config.json of a tiny Qwen3-VL: DeepStack from vision blocks 0.. into as many decoder layers (<= 3)."""
+  head_dim = t.hidden_size // t.num_attention_heads
+  text = dict(vocab_size=ids["vocab_size"], hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+              num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+              num_key_value_heads=t.num_key_value_heads, head_dim=head_dim, rms_norm_eps=1e-6,
+              max_position_embeddings=4096, tie_word_embeddings=True, attention_bias=False,
+              rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True,
+                               "mrope_section": _mrope_section(head_dim)},
+              bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
+  deepstack = list(range(min(t.vision_depth, t.num_hidden_layers, 3)))
+  vision = dict(depth=t.vision_depth, hidden_size=t.vision_hidden_size, num_heads=t.vision_heads,
+                intermediate_size=t.vision_intermediate_size, out_hidden_size=t.hidden_size,
+                hidden_act="gelu_pytorch_tanh", patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                num_position_embeddings=16, deepstack_visual_indexes=deepstack)
+  return dict(model_type="qwen3_vl", tie_word_embeddings=True, text_config=text, vision_config=vision,
+              image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
+              vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"])
+
+
+def format_mode(c, processor) -> str:
+  """reward.format_mode, with ``auto`` resolved from the chat template (``thinking`` if it opens <think>)."""
+  if c.reward.format_mode != "auto":
+    return c.reward.format_mode
+  mode = "thinking" if processor is not None and processor.thinking else "think"
+  logging.info("reward format mode %r (from the chat template)", mode)
+  return mode
 
 
 def _mrope_section(head_dim: int):
@@ -308,9 +343,11 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
       max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature, top_p=c.rollout.top_p,
       top_k=c.rollout.top_k, cache_dtype=c.rollout.cache_dtype, stop_token_ids=stop_ids,
       pad_token_id=mcfg.pad_token_id), mesh=mesh)
-  reward_fn = rewards.get_reward_fn(c.reward.name, **({} if c.reward.name == "synthetic" else
-                                                      dict(timeout_s=c.reward.timeout_s,
-                                                           num_workers=c.reward.num_workers)))
+  reward_kw = {} if c.reward.name == "synthetic" else dict(timeout_s=c.reward.timeout_s,
+                                                            num_workers=c.reward.num_workers)
+  if ":" not in c.reward.name:   # the built-in rewards grade the format (papo.md §5)
+    reward_kw["format_mode"] = format_mode(c, getattr(it, "processor", None))
+  reward_fn = rewards.get_reward_fn(c.reward.name, **reward_kw)
   pad_id = mcfg.pad_token_id if mcfg.pad_token_id is not None else 0
 
   reward_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reward")

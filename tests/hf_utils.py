@@ -42,10 +42,47 @@ def tiny_hf_model(seed: int = 0, **kw):
   return model
 
 
-def make_batch(rows, grids, seed: int = 0, vocab: int = 64, merge: int = 2):
+def tiny_qwen3_hf_config(tie: bool = True, vocab: int = 64, hidden: int = 64, layers: int = 3, heads: int = 4,
+                         kv: int = 2, depth: int = 4, deepstack=(0, 2), table: int = 16, mrope=(4, 2, 2)):
+  """Qwen3-VL with a ``table``-entry (sqrt(table) per side) position table and DeepStack from ``deepstack``."""
+  from transformers import Qwen3VLConfig
+  text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=kv, head_dim=2 * sum(mrope),
+              max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=tie, bos_token_id=BOS_ID,
+              eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+              rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": list(mrope),
+                               "mrope_interleaved": True})
+  vision = dict(depth=depth, hidden_size=64, num_heads=4, intermediate_size=80, out_hidden_size=hidden,
+                hidden_act="gelu_pytorch_tanh", patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                num_position_embeddings=table, deepstack_visual_indexes=list(deepstack))
+  return Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
+                       vision_start_token_id=VSTART_ID, vision_end_token_id=VEND_ID, tie_word_embeddings=tie)
+
+
+def tiny_qwen3_hf_model(seed: int = 0, **kw):
+  import torch
+  from transformers import Qwen3VLForConditionalGeneration
+  torch.manual_seed(seed)
+  model = Qwen3VLForConditionalGeneration(tiny_qwen3_hf_config(**kw)).eval().float()
+  # Random (not 1 / 0) norm weights, norm biases and biases, so their layout is checked too;
+  # larger random position-table rows, so the interpolation shows in the logits.
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name and name.endswith(".weight"):
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      elif name.endswith(".bias"):
+        p.copy_(0.05 * torch.randn_like(p))
+      elif name.endswith("pos_embed.weight"):
+        p.copy_(torch.randn_like(p))
+  model.set_attn_implementation("eager")
+  return model
+
+
+def make_batch(rows, grids, seed: int = 0, vocab: int = 64, merge: int = 2, patch: int = 14):
   """rows: list of row specs, each a list of items: int (that many text tokens) or 'img' (next grid).
 
-  Returns numpy input_ids [B, L] (left padded), attention_mask, pixel_values [N, 1176], image_grid_thw [I, 3].
+  Returns numpy input_ids [B, L] (left padded), attention_mask, pixel_values [N, 3*2*patch*patch],
+  image_grid_thw [I, 3].
   """
   rng = np.random.default_rng(seed)
   seqs = []
@@ -67,7 +104,7 @@ def make_batch(rows, grids, seed: int = 0, vocab: int = 64, merge: int = 2):
     ids[i, length - len(s):] = s
     mask[i, length - len(s):] = 1
   n = sum(t * h * w for t, h, w in grids)
-  pixel_values = rng.normal(size=(n, 3 * 2 * 14 * 14)).astype(np.float32)
+  pixel_values = rng.normal(size=(n, 3 * 2 * patch * patch)).astype(np.float32)
   grid = np.asarray(grids, np.int64).reshape(-1, 3)
   return ids, mask, pixel_values, grid
 
@@ -81,7 +118,8 @@ def hf_forward(model, ids, mask, pixel_values, grid):
   if len(grid):
     kwargs.update(pixel_values=torch.as_tensor(pixel_values), image_grid_thw=torch.as_tensor(grid))
   with torch.no_grad():
-    pos, deltas = model.model.get_rope_index(ti, (ti == IMAGE_ID).long(), torch.as_tensor(grid) if len(grid) else None,
-                                             None, None, tm)
+    pos, deltas = model.model.get_rope_index(ti, (ti == IMAGE_ID).long(),
+                                             image_grid_thw=torch.as_tensor(grid) if len(grid) else None,
+                                             attention_mask=tm)
     out = model(**kwargs)
   return out.logits.float().numpy(), pos.numpy(), deltas.numpy()

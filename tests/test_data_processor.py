@@ -161,3 +161,63 @@ def test_autoprocessor_loads_dir(ckpt_dir):
     pytest.skip("transformers' AutoProcessor for Qwen2.5-VL needs torchvision (video processor)")
   p = transformers.AutoProcessor.from_pretrained(ckpt_dir)
   assert p.image_token == "<|image_pad|>"
+
+
+# -- Qwen3-VL checkpoints -----------------------------------------------------------------------
+
+Q3_MIN, Q3_MAX = 32 * 32 * 4, 32 * 32 * 64   # small, so test images hit every smart_resize branch
+
+
+@pytest.fixture(scope="module")
+def qwen3_dirs(tmp_path_factory):
+  dirs = {}
+  for name, thinking in (("instruct", False), ("thinking", True)):
+    d = str(tmp_path_factory.mktemp(f"tiny_qwen3_{name}"))
+    tiny_tokenizer.build_tiny_checkpoint_files(d, family="qwen3_vl", thinking=thinking, min_pixels=Q3_MIN,
+                                               max_pixels=Q3_MAX)
+    dirs[name] = d
+  return dirs
+
+
+def hf_qwen3_processor(ckpt_dir):
+  """transformers' Qwen3-VL processor (PIL image backend), built from its parts when torchvision is missing."""
+  try:
+    return transformers.AutoProcessor.from_pretrained(ckpt_dir, backend="pil")
+  except (ImportError, ValueError):  # no torchvision: no video processor
+    pass
+  from transformers.models.qwen3_vl import processing_qwen3_vl as hf_mod
+  image_processor = transformers.AutoImageProcessor.from_pretrained(ckpt_dir, backend="pil")
+  tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt_dir)
+  cls = type("Qwen3VLProcessorNoVideo", (hf_mod.Qwen3VLProcessor,),
+             {"check_argument_for_proper_class": lambda self, name, arg: None})
+  with open(os.path.join(ckpt_dir, "chat_template.json")) as f:
+    template = json.load(f)["chat_template"]
+  return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=template)
+
+
+@pytest.mark.parametrize("sizes", [[(60, 90)], [(20, 30)], [(333, 517)], [(57, 57), (240, 100)]])
+def test_qwen3_parity_with_transformers(qwen3_dirs, sizes):
+  """Factor 32, mean/std 0.5 and the Qwen3-VL template: same ids, grids and pixels as transformers."""
+  ours = proc_lib.Processor.from_pretrained(qwen3_dirs["instruct"])
+  assert (ours.image.patch_size, ours.image.factor, ours.image.image_mean) == (16, 32, (0.5, 0.5, 0.5))
+  images = [testing.natural_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+  problem = " ".join(["<image>"] * len(images)) + " How many red shapes are there?"
+  got = _compare(ours, hf_qwen3_processor(qwen3_dirs["instruct"]), problem, images)
+  for (h, w), g in zip(sizes, got["image_grid_thw"]):
+    rh, rw = proc_lib.smart_resize(h, w, 32, Q3_MIN, Q3_MAX)
+    assert tuple(g) == (1, rh // 16, rw // 16)
+
+
+def test_qwen3_template_has_no_default_system_prompt(qwen3_dirs):
+  instruct = proc_lib.Processor.from_pretrained(qwen3_dirs["instruct"])
+  thinking = proc_lib.Processor.from_pretrained(qwen3_dirs["thinking"])
+  turn = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is shown?\n\n"
+          + proc_lib.REASONING_INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n")
+  assert instruct.prompt_text("<image>What is shown?") == (turn, 1)
+  assert thinking.prompt_text("<image>What is shown?") == (turn + "<think>\n", 1)
+  assert not instruct.thinking and thinking.thinking
+  qwen25_dir = qwen3_dirs["instruct"] + "_qwen25"
+  tiny_tokenizer.build_tiny_checkpoint_files(qwen25_dir)
+  qwen25 = proc_lib.Processor.from_pretrained(qwen25_dir)
+  assert qwen25.prompt_text("hi")[0].startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+  assert not qwen25.thinking

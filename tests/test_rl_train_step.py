@@ -32,7 +32,7 @@ def _pad(a, n, axis=0):
 def build_batch(model, rows, grids, micro: int, seed=0, nan_adv=False) -> TrainBatch:
   """Rollouts for ``rows`` (prompt specs as in hf_utils.make_batch) split into ``micro`` micro-batches."""
   rng = np.random.default_rng(seed)
-  ids, mask, pv, grid = H.make_batch(rows, grids, seed=seed)
+  ids, mask, pv, grid = H.make_batch(rows, grids, seed=seed, patch=model.config.vision.patch_size)
   b = ids.shape[0]
   resp = rng.integers(30, 64, size=(b, T))
   lengths = rng.integers(2, T + 1, size=b)

@@ -180,3 +180,56 @@ def test_eval_reads_a_training_workdir(uninterrupted, tmp_path):
   assert "evaluating" in r.stderr and "step 12" in r.stderr
   res = json.load(open(tmp_path / "out" / "results.json"))
   assert res["k"] == 2 and res["summaries"][0]["questions"] == 5
+
+
+def test_tiny_qwen3_trains_and_exports(tmp_path):
+  """configs/tiny.py:qwen3 runs PAPO-G steps end to end on a tiny Qwen3-VL; the export loads in transformers."""
+  torch = pytest.importorskip("torch")
+  import jax.numpy as jnp
+  from transformers import Qwen3VLForConditionalGeneration
+  from papo_jax.export import export, load_trained_model
+  wd = str(tmp_path / "qwen3")
+  cmd = [sys.executable, "-m", "papo_jax.train", f"--config={TINY}:qwen3", f"--workdir={wd}",
+         "--config.train.steps=2", "--config.train.warmup_sft_steps=0", "--config.checkpoint.every=2",
+         "--config.data.batch_size=4", "--config.rollout.n=2", "--config.val.every=0"]
+  r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  with open(os.path.join(wd, "model", "config.json")) as f:
+    assert json.load(f)["model_type"] == "qwen3_vl"
+  rows = _metrics(wd)
+  assert [m["step"] for m in rows] == [1, 2]
+  for m in rows:   # the perception KL is computed and every loss term is finite
+    assert m["actor/kl_prcp"] > 0 and np.isfinite(m["actor/loss_total"]) and 0 < m["actor/grad_norm"] < 1e3
+  out = export(wd, str(tmp_path / "hf"))
+  ours, _, _, step = load_trained_model(wd)
+  assert step == 2
+  hf = Qwen3VLForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval().float()
+  cfg = ours.config
+  rng = np.random.default_rng(0)
+  ids = np.concatenate([[cfg.vision_start_token_id], [cfg.image_token_id] * 4, [cfg.vision_end_token_id],
+                        rng.integers(0, 400, 10)])[None]
+  pv = rng.normal(size=(16, 1536)).astype(np.float32)
+  grid = np.array([[1, 4, 4]])
+  ti = torch.as_tensor(ids)
+  with torch.no_grad():
+    ref = hf(input_ids=ti, pixel_values=torch.as_tensor(pv), image_grid_thw=torch.as_tensor(grid),
+             mm_token_type_ids=(ti == cfg.image_token_id).long()).logits.numpy()
+  got = np.asarray(ours(jnp.asarray(ids), pixel_values=jnp.asarray(pv), image_grid_thw=jnp.asarray(grid)))
+  assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_reward_format_mode_follows_the_chat_template(tmp_path):
+  """reward.format_mode=auto: '.*</think>.*\\boxed{}' for templates that open <think> (Qwen3-VL Thinking)."""
+  from papo_jax.data import processor as proc_lib
+  from papo_jax.data import tiny_tokenizer
+  from papo_jax.train import format_mode
+  c = tiny_config("qwen3")
+  modes = {}
+  for name, kw in (("qwen25", {}), ("instruct", dict(family="qwen3_vl")),
+                   ("thinking", dict(family="qwen3_vl", thinking=True))):
+    d = str(tmp_path / name)
+    tiny_tokenizer.build_tiny_checkpoint_files(d, **kw)
+    modes[name] = format_mode(c, proc_lib.Processor.from_pretrained(d))
+  assert modes == {"qwen25": "think", "instruct": "think", "thinking": "thinking"}
+  c.reward.format_mode = "think"
+  assert format_mode(c, proc_lib.Processor.from_pretrained(str(tmp_path / "thinking"))) == "think"

@@ -4,7 +4,10 @@ Mirrors `transformers.AutoProcessor.from_pretrained(dir, backend="pil")` (v5) fo
 same checkpoint directory: identical `input_ids` and `image_grid_thw`, `pixel_values`
 bit-exact (spec qwen_vl.md §4). Images go in as uint8 RGB arrays `[H, W, 3]`
 (see `images.decode_image`); the tokenizer and chat template come from the checkpoint
-through transformers' `AutoTokenizer`.
+through transformers' `AutoTokenizer`. Everything family-specific is read from the
+checkpoint's files: patch size, merge size and mean/std from preprocessor_config.json
+(Qwen3-VL: 16, 2 and 0.5, so images snap to multiples of 32 px), the chat template
+(Qwen3-VL's has no default system prompt) from chat_template.jinja/.json.
 
 Pixel path: smart_resize → PIL bicubic on uint8 → x/255 (float64 → float32) →
 (x - mean)/std in float32 → patchify into merge-unit-major rows of
@@ -259,6 +262,17 @@ class Processor:
       image_config = ImageConfig.from_dict(json.load(f), min_pixels, max_pixels)
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
     return cls(tokenizer, image_config, _read_chat_template(ckpt_dir, tokenizer), instruction)
+
+  @functools.cached_property
+  def thinking(self):
+    """True when the chat template's generation prompt opens a `<think>` block (Qwen3-VL
+    "Thinking" models): responses then start inside it, and the format reward must not
+    ask for the opening tag (papo.md section 5)."""
+    with self._lock:
+      text = self.tokenizer.apply_chat_template(
+          [{"role": "user", "content": [{"type": "text", "text": "x"}]}], chat_template=self.chat_template,
+          tokenize=False, add_generation_prompt=True)
+    return text.rstrip().endswith("<think>")
 
   # -- text -----------------------------------------------------------------------------
 

@@ -5,9 +5,12 @@
 Qwen2.5-VL checkpoint: a byte-level BPE `tokenizer.json` with the Qwen pre-tokenizer
 and special tokens, `tokenizer_config.json` + `chat_template.json` with the Qwen2.5-VL
 chat template, and `preprocessor_config.json` (Qwen2VLImageProcessor, patch 14, merge
-2, CLIP mean/std). The vocabulary is trained on a fixed in-code corpus (ASCII, the
-PAPO prompt, the synthetic task's words), so it is deterministic and tiny (<= 512 ids):
-tiny models built on it have cheap embeddings.
+2, CLIP mean/std). With `family="qwen3_vl"` it writes a Qwen3-VL checkpoint's instead:
+the Qwen3-VL chat template (no default system prompt; `thinking=True` for the
+"Thinking" models' generation prompt, which opens `<think>`) and Qwen3-VL's
+preprocessor (patch 16, mean/std 0.5, 65536..16777216 pixels). The vocabulary is trained
+on a fixed in-code corpus (ASCII, the PAPO prompt, the synthetic task's words), so it is
+deterministic and tiny (<= 512 ids): tiny models built on it have cheap embeddings.
 """
 
 import json
@@ -51,6 +54,38 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+# The Qwen3-VL Instruct chat template's rendering of system, user and assistant turns (its
+# tool-calling branches are left out): no default system prompt, images as
+# <|vision_start|><|image_pad|><|vision_end|>, assistant turns as their text. A system
+# message after the first is an error here (the Hub template drops it silently). The
+# "Thinking" models' template differs in its generation prompt, which opens a <think> block.
+_QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- set image_count = namespace(value=0) %}{%- set video_count = namespace(value=0) %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and not loop.first %}"
+    "{{- raise_exception('only the first message may be a system message') }}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for content in message['content'] %}"
+    "{%- if message['role'] == 'user' and (content['type'] == 'image' or 'image' in content"
+    " or 'image_url' in content) %}"
+    "{%- set image_count.value = image_count.value + 1 %}"
+    "{%- if add_vision_id %}{{- 'Picture ' ~ image_count.value ~ ': ' }}{%- endif %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif message['role'] == 'user' and (content['type'] == 'video' or 'video' in content) %}"
+    "{%- set video_count.value = video_count.value + 1 %}"
+    "{%- if add_vision_id %}{{- 'Video ' ~ video_count.value ~ ': ' }}{%- endif %}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in content %}{{- content['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+)
+QWEN3_VL_CHAT_TEMPLATE = _QWEN3_VL_CHAT_TEMPLATE + (
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+QWEN3_VL_THINKING_CHAT_TEMPLATE = _QWEN3_VL_CHAT_TEMPLATE + (
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}")
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -125,11 +160,21 @@ def special_token_ids(tok):
   return ids
 
 
+# family -> (processor class, image processor class, patch size, min/max pixels, mean, std), as on the Hub.
+FAMILIES = {
+    "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2VLImageProcessor", 14, 3136, 12845056, OPENAI_CLIP_MEAN,
+                   OPENAI_CLIP_STD),
+    "qwen3_vl": ("Qwen3VLProcessor", "Qwen2VLImageProcessorFast", 16, 65536, 16777216, (0.5, 0.5, 0.5),
+                 (0.5, 0.5, 0.5)),
+}
+
+
 def _preprocessor_config(patch_size, temporal_patch_size, merge_size, min_pixels, max_pixels,
-                         image_mean, image_std):
+                         image_mean, image_std, family="qwen2_5_vl"):
+  processor_class, image_processor_type = FAMILIES[family][:2]
   return {
-      "image_processor_type": "Qwen2VLImageProcessor",
-      "processor_class": "Qwen2_5_VLProcessor",
+      "image_processor_type": image_processor_type,
+      "processor_class": processor_class,
       "do_convert_rgb": True, "do_resize": True, "do_rescale": True, "do_normalize": True,
       "resample": 3, "rescale_factor": 1 / 255,
       "image_mean": list(image_mean), "image_std": list(image_std),
@@ -140,21 +185,33 @@ def _preprocessor_config(patch_size, temporal_patch_size, merge_size, min_pixels
   }
 
 
-def build_tiny_checkpoint_files(out_dir, *, min_pixels=3136, max_pixels=12845056,
-                                patch_size=14, temporal_patch_size=2, merge_size=2,
-                                image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
-                                vocab_size=490):
-  """Writes tokenizer + processor files of a tiny Qwen2.5-VL-style checkpoint.
+def build_tiny_checkpoint_files(out_dir, *, min_pixels=None, max_pixels=None,
+                                patch_size=None, temporal_patch_size=2, merge_size=2,
+                                image_mean=None, image_std=None,
+                                vocab_size=490, family="qwen2_5_vl", thinking=False):
+  """Writes tokenizer + processor files of a tiny Qwen2.5-VL- or Qwen3-VL-style checkpoint.
 
   Files: tokenizer.json, tokenizer_config.json, chat_template.json,
-  preprocessor_config.json (also read by AutoProcessor to find `Qwen2_5_VLProcessor`).
-  The model's config.json / weights are someone else's job; feed them the returned ids.
+  preprocessor_config.json (also read by AutoProcessor to find the processor class).
+  Arguments left None take the family's Hub values (`FAMILIES`); `thinking` picks the
+  Qwen3-VL "Thinking" chat template. The model's config.json / weights are someone
+  else's job; feed them the returned ids.
 
   Returns:
     dict: image_token_id, video_token_id, vision_start_token_id, vision_end_token_id,
     vision_token_id, eos_token_id (<|im_end|>), pad_token_id and bos_token_id
     (<|endoftext|>), im_start_token_id, vocab_size (total ids, <= 512 by default).
   """
+  if family not in FAMILIES:
+    raise ValueError(f"family {family!r} is not one of {sorted(FAMILIES)}")
+  if thinking and family != "qwen3_vl":
+    raise ValueError("thinking=True is a Qwen3-VL chat template (family='qwen3_vl')")
+  processor_class, _, d_patch, d_min, d_max, d_mean, d_std = FAMILIES[family]
+  pick = lambda v, d: d if v is None else v
+  if family == "qwen3_vl":
+    template = QWEN3_VL_THINKING_CHAT_TEMPLATE if thinking else QWEN3_VL_CHAT_TEMPLATE
+  else:
+    template = QWEN2_VL_CHAT_TEMPLATE
   os.makedirs(out_dir, exist_ok=True)
   tok = build_tokenizer(vocab_size)
   tok.save(os.path.join(out_dir, "tokenizer.json"))
@@ -165,19 +222,20 @@ def build_tiny_checkpoint_files(out_dir, *, min_pixels=3136, max_pixels=12845056
         "single_word": False, "special": t in QWEN_SPECIAL_TOKENS}
   tokenizer_config = {
       "tokenizer_class": "Qwen2Tokenizer",
-      "processor_class": "Qwen2_5_VLProcessor",
+      "processor_class": processor_class,
       "added_tokens_decoder": added,
       "additional_special_tokens": [t for t in QWEN_SPECIAL_TOKENS[1:]],
       "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
       "unk_token": None, "errors": "replace", "split_special_tokens": False,
       "clean_up_tokenization_spaces": False, "model_max_length": 32768,
-      "chat_template": QWEN2_VL_CHAT_TEMPLATE,
+      "chat_template": template,
   }
   with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
     json.dump(tokenizer_config, f, indent=2)
   with open(os.path.join(out_dir, "chat_template.json"), "w") as f:
-    json.dump({"chat_template": QWEN2_VL_CHAT_TEMPLATE}, f, indent=2)
+    json.dump({"chat_template": template}, f, indent=2)
   with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
-    json.dump(_preprocessor_config(patch_size, temporal_patch_size, merge_size, min_pixels,
-                                   max_pixels, image_mean, image_std), f, indent=2)
+    json.dump(_preprocessor_config(pick(patch_size, d_patch), temporal_patch_size, merge_size,
+                                   pick(min_pixels, d_min), pick(max_pixels, d_max),
+                                   pick(image_mean, d_mean), pick(image_std, d_std), family), f, indent=2)
   return special_token_ids(tok)

@@ -1,11 +1,14 @@
 """Safetensors in and out, in the official Hugging Face key layout.
 
-Reading accepts the official layout (``visual.*``, ``model.layers.*``, ``lm_head``)
-and transformers v5's (``model.visual.*``, ``model.language_model.*``), single files
+``config.json``'s ``model_type`` picks the model class (``qwen2_5_vl`` -> Qwen25VL,
+``qwen3_vl`` -> Qwen3VL). Reading accepts the Qwen2.5-VL hub layout (``visual.*``,
+``model.layers.*``, ``lm_head``) and transformers v5's (``model.visual.*``,
+``model.language_model.*``, the layout of the Qwen3-VL hub checkpoints), single files
 or sharded with ``model.safetensors.index.json``. Tensors are memory-mapped and
 converted one at a time straight into the requested dtype and sharding, so a 7B
-loads without two full copies in host memory. Writing uses the official layout,
-which every transformers version loads.
+loads without two full copies in host memory. Writing uses each family's official
+layout (the first for Qwen2.5-VL, the second for Qwen3-VL), which every transformers
+version loads.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from safetensors.numpy import save_file
 
 from papo_jax.models.config import ModelConfig, load_config, to_hf_dict
 from papo_jax.models.qwen2_5_vl import Qwen25VL
+from papo_jax.models.qwen3_vl import Qwen3VL
 from papo_jax.parallel import DEFAULT_RULES, state_shardings
 
 _RENAMES = ((re.compile(r"^model\.visual\."), "visual."), (re.compile(r"^model\.language_model\."), "model."))
+MODEL_CLASSES = {"qwen2_5_vl": Qwen25VL, "qwen3_vl": Qwen3VL}
 
 
 def canonical_key(hf_key: str) -> str:
@@ -36,6 +41,23 @@ def canonical_key(hf_key: str) -> str:
     if pattern.match(hf_key):
       return pattern.sub(repl, hf_key)
   return hf_key
+
+
+def model_class(config: ModelConfig) -> type[Qwen25VL]:
+  if config.model_type not in MODEL_CLASSES:
+    raise ValueError(f"model_type {config.model_type!r} has no model class (known: {sorted(MODEL_CLASSES)})")
+  return MODEL_CLASSES[config.model_type]
+
+
+def saved_key(key: str, model_type: str) -> str:
+  """Official (Qwen2.5-VL hub) key -> the key written for ``model_type`` (Qwen3-VL: the v5 layout)."""
+  if model_type != "qwen3_vl":
+    return key
+  if key.startswith("visual."):
+    return "model." + key
+  if key.startswith("model."):
+    return "model.language_model." + key[len("model."):]
+  return key
 
 
 def _path_to_key(path: tuple[Any, ...]) -> tuple[str, str]:
@@ -109,12 +131,13 @@ class _TensorIndex:
 
 
 def init_model(config: ModelConfig, seed: int = 0) -> Qwen25VL:
-  """A randomly initialised model (tiny configs, benchmarks)."""
-  return Qwen25VL(config, rngs=nnx.Rngs(seed))
+  """A randomly initialised model of the config's family (tiny configs, benchmarks)."""
+  return model_class(config)(config, rngs=nnx.Rngs(seed))
 
 
 def abstract_model(config: ModelConfig) -> Qwen25VL:
-  return nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0)))
+  cls = model_class(config)
+  return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
 
 
 def from_pretrained(path: str, *, dtype: str = "bfloat16", param_dtype: str | None = None, mesh=None,
@@ -159,11 +182,12 @@ def from_pretrained(path: str, *, dtype: str = "bfloat16", param_dtype: str | No
 
 
 def iter_hf_tensors(model: Qwen25VL) -> Iterator[tuple[str, np.ndarray]]:
-  """(official key, numpy tensor) for every parameter, in HF's shapes."""
+  """(checkpoint key in the family's official layout, numpy tensor) for every parameter, in HF's shapes."""
   _, state = nnx.split(model)
   for p, var in nnx.to_flat_state(state):
     key, kind = _path_to_key(p)
-    yield key, _to_hf(np.asarray(jax.device_get(var.get_value())), kind, model.config)
+    t = _to_hf(np.asarray(jax.device_get(var.get_value())), kind, model.config)
+    yield saved_key(key, model.config.model_type), t
 
 
 def save_pretrained(model: Qwen25VL, path: str, *, max_shard_bytes: int = 5 * 2**30, dtype: str | None = None) -> None:

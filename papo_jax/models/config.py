@@ -2,8 +2,9 @@
 
 Qwen2.5-VL hub configs are "flat" (text fields at the root, ``rope_scaling`` with
 ``mrope_section``); transformers v5 writes them nested (``text_config``,
-``rope_parameters``). Both are accepted; the original dict is kept so that a
-loaded checkpoint is written back unchanged.
+``rope_parameters``). Qwen3-VL (``model_type`` "qwen3_vl") is always nested. All are
+accepted, missing fields take the family's transformers class defaults, and the
+original dict is kept so that a loaded checkpoint is written back unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class VisionConfig:
   tokens_per_second: int = 2
   hidden_act: str = "silu"
   rope_theta: float = 10000.0
+  # Qwen3-VL: learned position table (side**2 rows, 0: none) and DeepStack source blocks.
+  num_position_embeddings: int = 0
+  deepstack_visual_indexes: tuple[int, ...] = ()
 
   @property
   def head_dim(self) -> int:
@@ -60,6 +64,10 @@ class TextConfig:
   mrope_section: tuple[int, ...] = (16, 24, 24)
   max_position_embeddings: int = 128000
   hidden_act: str = "silu"
+  # Qwen2.5-VL: q/k/v biases, chunked MRoPE. Qwen3-VL: no biases, qk-norm, interleaved MRoPE.
+  attention_bias: bool = True
+  qk_norm: bool = False
+  mrope_interleaved: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,54 +104,94 @@ def _pick(d: dict, key: str, default):
   return default if v is None else v
 
 
+# Values used when config.json omits a field: Qwen2.5-VL-3B's for qwen2_5_vl (its hub
+# vision_config leaves most fields to the class defaults), transformers' class defaults for
+# qwen3_vl (Qwen3VLTextConfig / Qwen3VLVisionConfig).
+_TEXT_DEFAULTS = {
+    "qwen2_5_vl": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, head_dim=None, rope_theta=1e6, mrope_section=(16, 24, 24),
+                       max_position_embeddings=128000, attention_bias=True),
+    "qwen3_vl": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                     num_attention_heads=32, head_dim=128, rope_theta=5e5, mrope_section=(24, 20, 20),
+                     max_position_embeddings=128000, attention_bias=False),
+}
+_VISION_DEFAULTS = {
+    "qwen2_5_vl": dict(depth=32, hidden_size=1280, intermediate_size=3420, patch_size=14, hidden_act="silu",
+                       out_hidden_size=None, num_position_embeddings=0, deepstack_visual_indexes=()),
+    "qwen3_vl": dict(depth=27, hidden_size=1152, intermediate_size=4304, patch_size=16,
+                     hidden_act="gelu_pytorch_tanh", out_hidden_size=3584, num_position_embeddings=2304,
+                     deepstack_visual_indexes=(8, 16, 24)),
+}
+
+
 def from_hf_dict(cfg: dict[str, Any], **runtime) -> ModelConfig:
   """Builds a ModelConfig from a parsed ``config.json`` (flat or nested layout)."""
   model_type = cfg.get("model_type", "qwen2_5_vl")
-  if model_type not in ("qwen2_5_vl",):
-    raise ValueError(f"config.json: model_type {model_type!r} is not supported (expected 'qwen2_5_vl')")
+  if model_type not in _TEXT_DEFAULTS:
+    raise ValueError(f"config.json: model_type {model_type!r} is not supported (expected one of "
+                     f"{sorted(_TEXT_DEFAULTS)})")
+  qwen3 = model_type == "qwen3_vl"
+  td, vd = _TEXT_DEFAULTS[model_type], _VISION_DEFAULTS[model_type]
   text = dict(cfg.get("text_config") or {})
   # Flat layout: text fields at the root; nested values take precedence.
   root_text = {k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}
   t = {**root_text, **text}
   rope = t.get("rope_parameters") or t.get("rope_scaling") or cfg.get("rope_scaling") or {}
-  rope_theta = _pick(rope, "rope_theta", _pick(t, "rope_theta", 1e6))
-  mrope = tuple(rope.get("mrope_section") or (16, 24, 24))
-  heads = t.get("num_attention_heads", 16)
-  hidden = t.get("hidden_size", 2048)
+  rope_theta = _pick(rope, "rope_theta", _pick(t, "rope_theta", td["rope_theta"]))
+  mrope = tuple(rope.get("mrope_section") or td["mrope_section"])
+  heads = t.get("num_attention_heads", td["num_attention_heads"])
+  hidden = t.get("hidden_size", td["hidden_size"])
   text_cfg = TextConfig(
-      vocab_size=t.get("vocab_size", 151936),
+      vocab_size=t.get("vocab_size", td["vocab_size"]),
       hidden_size=hidden,
-      intermediate_size=t.get("intermediate_size", 11008),
-      num_hidden_layers=t.get("num_hidden_layers", 36),
+      intermediate_size=t.get("intermediate_size", td["intermediate_size"]),
+      num_hidden_layers=t.get("num_hidden_layers", td["num_hidden_layers"]),
       num_attention_heads=heads,
-      num_key_value_heads=t.get("num_key_value_heads", heads),
-      head_dim=_pick(t, "head_dim", hidden // heads),
+      num_key_value_heads=_pick(t, "num_key_value_heads", heads),
+      head_dim=_pick(t, "head_dim", td["head_dim"] or hidden // heads),
       rms_norm_eps=_pick(t, "rms_norm_eps", 1e-6),
       rope_theta=float(rope_theta),
       mrope_section=mrope,
-      max_position_embeddings=t.get("max_position_embeddings", 128000),
+      max_position_embeddings=t.get("max_position_embeddings", td["max_position_embeddings"]),
       hidden_act=t.get("hidden_act", "silu"),
+      # Qwen2.5-VL always has q/k/v biases; Qwen3-VL reads attention_bias. transformers always
+      # interleaves (and qk-norms) in Qwen3-VL; its `mrope_interleaved` flag is not read.
+      attention_bias=bool(_pick(t, "attention_bias", td["attention_bias"])) if qwen3 else True,
+      qk_norm=qwen3,
+      mrope_interleaved=qwen3,
   )
   if sum(mrope) * 2 != text_cfg.head_dim:
     raise ValueError(f"config.json: mrope_section {list(mrope)} must sum to head_dim/2 = {text_cfg.head_dim // 2}")
   v = dict(cfg.get("vision_config") or {})
   vrope = v.get("rope_parameters") or {}
   vision_cfg = VisionConfig(
-      depth=v.get("depth", 32),
-      hidden_size=_pick(v, "hidden_size", _pick(v, "embed_dim", 1280)),
-      intermediate_size=v.get("intermediate_size", 3420),
+      depth=v.get("depth", vd["depth"]),
+      hidden_size=_pick(v, "hidden_size", _pick(v, "embed_dim", vd["hidden_size"])),
+      intermediate_size=v.get("intermediate_size", vd["intermediate_size"]),
       num_heads=v.get("num_heads", 16),
-      patch_size=_pick(v, "patch_size", _pick(v, "spatial_patch_size", 14)),
+      patch_size=_pick(v, "patch_size", _pick(v, "spatial_patch_size", vd["patch_size"])),
       temporal_patch_size=v.get("temporal_patch_size", 2),
       spatial_merge_size=v.get("spatial_merge_size", 2),
       in_channels=_pick(v, "in_channels", _pick(v, "in_chans", 3)),
       window_size=v.get("window_size", 112),
-      out_hidden_size=_pick(v, "out_hidden_size", hidden),
+      out_hidden_size=_pick(v, "out_hidden_size", vd["out_hidden_size"] or hidden),
       fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", (7, 15, 23, 31))),
       tokens_per_second=v.get("tokens_per_second", 4),
-      hidden_act=v.get("hidden_act", "silu"),
+      hidden_act=v.get("hidden_act", vd["hidden_act"]),
       rope_theta=float(vrope.get("rope_theta", 10000.0)),
+      num_position_embeddings=_pick(v, "num_position_embeddings", vd["num_position_embeddings"]),
+      deepstack_visual_indexes=tuple(_pick(v, "deepstack_visual_indexes", vd["deepstack_visual_indexes"])),
   )
+  if qwen3:
+    side = int(round(vision_cfg.num_position_embeddings ** 0.5))
+    if side < 1 or side * side != vision_cfg.num_position_embeddings:
+      raise ValueError(f"config.json: vision_config.num_position_embeddings "
+                       f"{vision_cfg.num_position_embeddings} is not a square (the table is side x side)")
+    bad = [i for i in vision_cfg.deepstack_visual_indexes if not 0 <= i < vision_cfg.depth]
+    if bad or len(vision_cfg.deepstack_visual_indexes) > text_cfg.num_hidden_layers:
+      raise ValueError(f"config.json: deepstack_visual_indexes {list(vision_cfg.deepstack_visual_indexes)} need "
+                       f"blocks in [0, {vision_cfg.depth}) and at most {text_cfg.num_hidden_layers} entries "
+                       f"(one per decoder layer they feed)")
   tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
   def tok(name, default):
     val = cfg.get(name, text.get(name, default))
@@ -166,9 +214,12 @@ def from_hf_dict(cfg: dict[str, Any], **runtime) -> ModelConfig:
 
 
 def to_hf_dict(config: ModelConfig) -> dict[str, Any]:
-  """The ``config.json`` content (the loaded one if any, else a flat hub-style dict)."""
+  """The ``config.json`` content (the loaded one if any, else a hub-style dict: flat for
+  Qwen2.5-VL, nested for Qwen3-VL)."""
   if config.hf_dict is not None:
     return copy.deepcopy(config.hf_dict)
+  if config.model_type == "qwen3_vl":
+    return _qwen3_vl_hf_dict(config)
   t, v = config.text, config.vision
   return {
       "architectures": ["Qwen2_5_VLForConditionalGeneration"],
@@ -209,6 +260,58 @@ def to_hf_dict(config: ModelConfig) -> dict[str, Any]:
           "fullatt_block_indexes": list(v.fullatt_block_indexes),
           "tokens_per_second": v.tokens_per_second,
           "hidden_act": v.hidden_act,
+      },
+  }
+
+
+def _qwen3_vl_hf_dict(config: ModelConfig) -> dict[str, Any]:
+  """Qwen3-VL's nested hub layout (rope_scaling + rope_theta in text_config, read by transformers 4.57 and 5)."""
+  t, v = config.text, config.vision
+  dtype = "bfloat16" if config.param_dtype == "bfloat16" else "float32"
+  return {
+      "architectures": ["Qwen3VLForConditionalGeneration"],
+      "model_type": "qwen3_vl",
+      "image_token_id": config.image_token_id,
+      "video_token_id": config.video_token_id,
+      "vision_start_token_id": config.vision_start_token_id,
+      "vision_end_token_id": config.vision_end_token_id,
+      "tie_word_embeddings": config.tie_word_embeddings,
+      "torch_dtype": dtype,
+      "text_config": {
+          "model_type": "qwen3_vl_text",
+          "vocab_size": t.vocab_size,
+          "hidden_size": t.hidden_size,
+          "intermediate_size": t.intermediate_size,
+          "num_hidden_layers": t.num_hidden_layers,
+          "num_attention_heads": t.num_attention_heads,
+          "num_key_value_heads": t.num_key_value_heads,
+          "head_dim": t.head_dim,
+          "rms_norm_eps": t.rms_norm_eps,
+          "rope_theta": t.rope_theta,
+          "rope_scaling": {"rope_type": "default", "mrope_section": list(t.mrope_section), "mrope_interleaved": True},
+          "max_position_embeddings": t.max_position_embeddings,
+          "hidden_act": t.hidden_act,
+          "attention_bias": t.attention_bias,
+          "bos_token_id": config.bos_token_id,
+          "eos_token_id": config.eos_token_id,
+          "pad_token_id": config.pad_token_id,
+          "tie_word_embeddings": config.tie_word_embeddings,
+          "torch_dtype": dtype,
+      },
+      "vision_config": {
+          "model_type": "qwen3_vl_vision",
+          "depth": v.depth,
+          "hidden_size": v.hidden_size,
+          "hidden_act": v.hidden_act,
+          "intermediate_size": v.intermediate_size,
+          "num_heads": v.num_heads,
+          "in_channels": v.in_channels,
+          "patch_size": v.patch_size,
+          "spatial_merge_size": v.spatial_merge_size,
+          "temporal_patch_size": v.temporal_patch_size,
+          "out_hidden_size": v.out_hidden_size,
+          "num_position_embeddings": v.num_position_embeddings,
+          "deepstack_visual_indexes": list(v.deepstack_visual_indexes),
       },
   }
 

@@ -32,15 +32,29 @@ class KVCache(NamedTuple):
   v: jax.Array
 
 
+def mrope_owner(cfg: TextConfig) -> jax.Array:
+  """Which position row (0 T, 1 H, 2 W) each of the head_dim/2 frequencies reads.
+
+  Chunked (Qwen2.5-VL): consecutive runs of ``mrope_section`` sizes. Interleaved (Qwen3-VL):
+  frequency j reads H if j % 3 == 1 and j < 3 * section[1], W if j % 3 == 2 and
+  j < 3 * section[2], else T.
+  """
+  if not cfg.mrope_interleaved:
+    return jnp.concatenate([jnp.full((s,), i, jnp.int32) for i, s in enumerate(cfg.mrope_section)])
+  j = jnp.arange(cfg.head_dim // 2, dtype=jnp.int32)
+  _, sec_h, sec_w = cfg.mrope_section
+  return jnp.where((j % 3 == 1) & (j < 3 * sec_h), 1, jnp.where((j % 3 == 2) & (j < 3 * sec_w), 2, 0))
+
+
 def mrope_cos_sin(position_ids_3xBxL: jax.Array, cfg: TextConfig, dtype):
-  """Chunked multimodal RoPE: frequency j reads row T, H or W by ``mrope_section``.
+  """Multimodal RoPE: frequency j reads row T, H or W (:func:`mrope_owner`).
 
   cos/sin are computed in float32 and cast to the activation dtype (as HF does).
   Returns cos, sin of shape [B, L, head_dim].
   """
   half = cfg.head_dim // 2
   inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / cfg.head_dim))
-  owner = jnp.concatenate([jnp.full((s,), i, jnp.int32) for i, s in enumerate(cfg.mrope_section)])
+  owner = mrope_owner(cfg)
   pos = position_ids_3xBxL.astype(jnp.float32)[owner]            # [half, B, L]
   ang = jnp.moveaxis(pos, 0, -1) * inv_freq                        # [B, L, half]
   emb = jnp.concatenate([ang, ang], -1)
@@ -52,10 +66,14 @@ class Attention(nnx.Module):
   def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs, backend: str = "xla", block: int = 512):
     d, h, kvh, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q_proj = Dense(d, h * hd, use_bias=True, axes=("embed", "heads"), **kw)
-    self.k_proj = Dense(d, kvh * hd, use_bias=True, axes=("embed", "kv_heads"), **kw)
-    self.v_proj = Dense(d, kvh * hd, use_bias=True, axes=("embed", "kv_heads"), **kw)
+    bias = cfg.attention_bias
+    self.q_proj = Dense(d, h * hd, use_bias=bias, axes=("embed", "heads"), **kw)
+    self.k_proj = Dense(d, kvh * hd, use_bias=bias, axes=("embed", "kv_heads"), **kw)
+    self.v_proj = Dense(d, kvh * hd, use_bias=bias, axes=("embed", "kv_heads"), **kw)
     self.o_proj = Dense(h * hd, d, use_bias=False, axes=("heads", "embed"), **kw)
+    # Qwen3-VL: RMSNorm over head_dim on q and k, before RoPE.
+    self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype) if cfg.qk_norm else None
+    self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype) if cfg.qk_norm else None
     self.h, self.kvh, self.hd = h, kvh, hd
     self.backend, self.block = backend, block
 
@@ -64,6 +82,8 @@ class Attention(nnx.Module):
     q = self.q_proj(x_BxLxD).reshape(b, l, self.h, self.hd)
     k = self.k_proj(x_BxLxD).reshape(b, l, self.kvh, self.hd)
     v = self.v_proj(x_BxLxD).reshape(b, l, self.kvh, self.hd)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, cos[:, :, None, :], sin[:, :, None, :])
     k = apply_rope(k, cos[:, :, None, :], sin[:, :, None, :])
     if cache_kv is not None:
@@ -137,13 +157,15 @@ def _dtype(name: str):
 class Qwen25VL(nnx.Module):
   """Qwen2_5_VLForConditionalGeneration. Attribute names mirror the official checkpoint keys."""
 
+  vision_tower_cls = VisionTower   # Qwen3VL swaps in its own tower
+
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     dtype, pdtype = _dtype(config.dtype), _dtype(config.param_dtype)
     self.config = config
     backend = resolve_backend(config.attention)
-    self.visual = VisionTower(config.vision, dtype=dtype, param_dtype=pdtype, remat=config.remat, rngs=rngs,
-                              backend=backend, block=config.attention_block,
-                              max_image_patches=config.max_image_patches)
+    self.visual = self.vision_tower_cls(config.vision, dtype=dtype, param_dtype=pdtype, remat=config.remat,
+                                        rngs=rngs, backend=backend, block=config.attention_block,
+                                        max_image_patches=config.max_image_patches)
     self.model = TextModel(config.text, dtype=dtype, param_dtype=pdtype, rngs=rngs, backend=backend,
                            block=config.attention_block)
     if config.tie_word_embeddings:
@@ -175,8 +197,12 @@ class Qwen25VL(nnx.Module):
                           image_token_id=self.config.image_token_id,
                           spatial_merge_size=self.config.vision.spatial_merge_size)
 
-  def decode_layers(self, x_BxLxD, position_ids_3xBxL, mask: AttnMask, cache: KVCache | None = None, cache_index=None):
-    """Runs the decoder stack; returns (final normed hidden [B, L, D], new cache or None)."""
+  def decode_layers(self, x_BxLxD, position_ids_3xBxL, mask: AttnMask, cache: KVCache | None = None, cache_index=None,
+                    after_layer=None):
+    """Runs the decoder stack; returns (final normed hidden [B, L, D], new cache or None).
+
+    ``after_layer(i, x_BxLxD) -> x_BxLxD``, if given, runs on the output of layer i (Qwen3-VL's DeepStack).
+    """
     cos, sin = mrope_cos_sin(position_ids_3xBxL, self.config.text, x_BxLxD.dtype)
     x = constrain(x_BxLxD, ("batch", "length", "embed"))
     new_k, new_v = [], []
@@ -189,6 +215,8 @@ class Qwen25VL(nnx.Module):
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
+      if after_layer is not None:
+        x = after_layer(i, x)
     x = self.model.norm(x)
     return x, (None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v)))
 
@@ -240,7 +268,7 @@ class Qwen25VL(nnx.Module):
     the new keys, so it runs the configured attention kernel; later steps attend to the cache
     densely. Returns (hidden [B, L, D], new cache).
     """
-    l = x_BxLxD.shape[1]
+    l = position_ids_3xBxL.shape[2]   # (x may be a Qwen3-VL embedding tuple)
     s = cache.k.shape[2]
     if isinstance(cache_index, int) and cache_index == 0 and l > 1:
       mask = AttnMask(valid_BxL=kv_mask_BxS[:, :l].astype(bool))
