@@ -64,6 +64,21 @@ def test_causal_attention_left_padding_gqa(backend):
   assert np.abs(np.asarray(bad)[m] - np.asarray(o_ref)[m]).max() > 1e-2
 
 
+def test_decode_attention_lengths_path_matches_dense():
+  """The cuDNN decode path (per-row key lengths, run here through jax.nn's XLA implementation)."""
+  b, s, h, kvh, d = 3, 40, 4, 2, 16
+  q = jax.random.normal(jax.random.key(7), (b, 1, h, d))
+  _, k, v = _qkv(jax.random.key(8), b, s, h, kvh, d)
+  lengths = jnp.asarray([1, 17, 40])
+  ref = A.decode_attention(q, k, v, lengths, scale=d ** -0.5, backend="xla")
+  got = A.decode_attention(q, k, v, lengths, scale=d ** -0.5, implementation="xla")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-6)
+  # keys past a row's length do not matter
+  k2 = k.at[0, 1:].set(100.0)
+  np.testing.assert_allclose(np.asarray(A.decode_attention(q, k2, v, lengths, scale=d ** -0.5))[0],
+                             np.asarray(ref)[0], atol=1e-6)
+
+
 def _window_case():
   """Window-ordered segment ids of three images whose grids leave partial windows, plus bucket padding."""
   grid = jnp.asarray([(1, 10, 14), (1, 8, 8), (1, 6, 10)])
@@ -197,6 +212,10 @@ def test_cudnn_matches_xla_bf16():
   got = A.causal_attention(q, k, v, valid, scale=d ** -0.5, backend="cudnn")
   m = np.asarray(valid)
   np.testing.assert_allclose(np.asarray(got, np.float32)[m], np.asarray(ref, np.float32)[m], atol=3e-2)
+  lengths = jnp.asarray([7, 256])
+  ref = A.decode_attention(q[:, :1], k, v, lengths, scale=d ** -0.5, backend="xla")
+  got = A.decode_attention(q[:, :1], k, v, lengths, scale=d ** -0.5, backend="cudnn")
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=3e-2)
 
 
 def test_backend_names_are_checked():

@@ -102,6 +102,30 @@ def rotated_causal_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, valid_BxL, *, scal
   return jnp.where(valid[:, :, None, None], out, 0).astype(q_BxLxHxD.dtype)
 
 
+# -- decode: one query per row against a zero-aligned KV cache -------------------------------
+
+
+def decode_attention(q_Bx1xHxD, k_BxSxKxD, v_BxSxKxD, kv_lengths_B, *, scale: float, backend: str = "xla",
+                     implementation: str | None = None):
+  """Row b's query attends to cache slots ``[0, kv_lengths_B[b])``.
+
+  ``cudnn`` runs the fused kernel with key/value sequence lengths (no mask array);
+  ``xla`` and ``pallas_tpu`` attend densely over the cache (the Pallas TPU paged kernels
+  expect a paged cache layout, which this cache does not use). ``implementation``
+  overrides the ``jax.nn`` implementation of the length path (tests run it with ``xla``).
+  """
+  if backend == "cudnn" or implementation is not None:
+    if implementation is None:
+      _check_cudnn_dtype(q_Bx1xHxD)
+    ones = jnp.ones(q_Bx1xHxD.shape[:1], jnp.int32)
+    return jax.nn.dot_product_attention(q_Bx1xHxD, k_BxSxKxD, v_BxSxKxD, scale=scale, query_seq_lengths=ones,
+                                        key_value_seq_lengths=kv_lengths_B.astype(jnp.int32),
+                                        implementation=implementation or "cudnn")
+  s = k_BxSxKxD.shape[1]
+  mask = (jnp.arange(s)[None, :] < kv_lengths_B[:, None])[:, None, :]
+  return softmax_attention(q_Bx1xHxD, k_BxSxKxD, v_BxSxKxD, mask, scale)
+
+
 # -- vision: windows and whole images -------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from papo_jax.models.attention import causal_attention, resolve_backend
+from papo_jax.models.attention import causal_attention, decode_attention, resolve_backend
 from papo_jax.models.config import ModelConfig, TextConfig
 from papo_jax.models.layers import Dense, RMSNorm, apply_rope, param, softmax_attention
 from papo_jax.models.positions import check_image_tokens, get_rope_index
@@ -88,13 +88,20 @@ class Attention(nnx.Module):
     k = apply_rope(k, cos[:, :, None, :], sin[:, :, None, :])
     if cache_kv is not None:
       k_cache, v_cache = cache_kv
-      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+      if jnp.ndim(cache_index) == 1:   # decode: one new token per row, each at its own slot
+        rows = jnp.arange(b)
+        k = k_cache.at[rows, cache_index].set(k[:, 0].astype(k_cache.dtype))
+        v = v_cache.at[rows, cache_index].set(v[:, 0].astype(v_cache.dtype))
+      else:
+        k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
       new_cache = (k, v)
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     else:
       new_cache = None
-    if mask.dense_BxLxS is not None:   # decode: a few queries against the whole cache
+    if mask.kv_lengths_B is not None:  # decode against a zero-aligned cache: the configured kernel
+      out = decode_attention(q, k, v, mask.kv_lengths_B, scale=self.hd ** -0.5, backend=self.backend)
+    elif mask.dense_BxLxS is not None:   # a few queries against the whole cache
       out = softmax_attention(q, k, v, mask.dense_BxLxS, self.hd ** -0.5)
     else:                               # whole sequence (training, prefill): the configured kernel
       q_new = q
@@ -109,6 +116,7 @@ class AttnMask(NamedTuple):
   an explicit ``dense_BxLxS`` (decode steps against a cache; XLA)."""
   valid_BxL: jax.Array | None = None
   dense_BxLxS: jax.Array | None = None
+  kv_lengths_B: jax.Array | None = None   # decode: row b sees cache slots [0, kv_lengths_B[b])
 
 
 class MLP(nnx.Module):
@@ -259,6 +267,15 @@ class Qwen25VL(nnx.Module):
     t = self.config.text
     shape = (t.num_hidden_layers, batch, length, t.num_key_value_heads, t.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+  def decode_step(self, x_Bx1xD, position_ids_3xBx1, cache: KVCache, write_slot_B):
+    """One token per row into a zero-aligned cache (row b's tokens at slots ``[0, write_slot_B[b]]``).
+
+    The token is written at ``write_slot_B[b]`` and attends to every slot up to it, through
+    the configured decode kernel. Returns (hidden [B, 1, D], new cache).
+    """
+    mask = AttnMask(kv_lengths_B=write_slot_B + 1)
+    return self.decode_layers(x_Bx1xD, position_ids_3xBx1, mask, cache, write_slot_B)
 
   def forward_cached(self, x_BxLxD, position_ids_3xBxL, kv_mask_BxS, cache: KVCache, cache_index):
     """Runs L new tokens (embeddings) at cache slots [cache_index, cache_index + L).

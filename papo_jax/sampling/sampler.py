@@ -227,8 +227,14 @@ class Sampler:
       cache = model.init_cache(b, lp, jnp.dtype(self.cfg.cache_dtype))
       cache = KVCache(*(constrain(a, CACHE_AXES) for a in cache))
       h_BxLpxD, cache = model.forward_cached(x_BxLpxD, pos_3xBxLp, mask_BxLp, cache, 0)
+      # Zero-align the cache: rotate each row so its prompt occupies slots [0, n_b) and the
+      # response follows it; decode kernels then need only per-row lengths.
+      first_B = jnp.argmax(mask_BxLp, axis=1).astype(jnp.int32)
+      from_B_Lp = (jnp.arange(lp, dtype=jnp.int32)[None, :] + first_B[:, None]) % lp
+
       # Share the prefill: repeat each prompt's cache n times and leave T slots for the response.
       def grow(a):
+        a = jnp.take_along_axis(a, from_B_Lp[None, :, :, None, None], axis=2)
         a = jnp.repeat(a, n, axis=1)
         a = jnp.pad(a, ((0, 0), (0, 0), (0, t), (0, 0), (0, 0)))
         return constrain(a, CACHE_AXES)
@@ -252,9 +258,8 @@ class Sampler:
       r, lp = prompt_ids_RxLp.shape
       s_len = cache.k.shape[2]
       t = s_len - lp
-      next_pos_R = jnp.sum(prompt_mask_RxLp, axis=1) + rope_deltas_Rx1[:, 0]    # position of response token 0
-      slot_S = jnp.arange(s_len)
-      prompt_kv_RxS = jnp.concatenate([prompt_mask_RxLp.astype(bool), jnp.zeros((r, t), bool)], axis=1)
+      prompt_len_R = jnp.sum(prompt_mask_RxLp, axis=1).astype(jnp.int32)
+      next_pos_R = prompt_len_R + rope_deltas_Rx1[:, 0]    # position of response token 0
 
       def is_stop(tok_R):
         return jnp.any(tok_R[:, None] == stops_arr[None, :], axis=-1)
@@ -267,8 +272,8 @@ class Sampler:
         tok_R = st.tokens_RxT[:, s]
         x_Rx1xD = model.embed(tok_R[:, None])
         pos_3xRx1 = jnp.broadcast_to((next_pos_R + s)[None, :, None], (3, r, 1)).astype(jnp.int32)
-        kv_RxS = prompt_kv_RxS | ((slot_S >= lp) & (slot_S <= lp + s))[None, :]
-        h_Rx1xD, cache = model.forward_cached(x_Rx1xD, pos_3xRx1, kv_RxS, st.cache, lp + s)
+        # The cache is zero-aligned: row r's response token s goes to slot prompt_len_R[r] + s.
+        h_Rx1xD, cache = model.decode_step(x_Rx1xD, pos_3xRx1, st.cache, prompt_len_R + s)
         cache = KVCache(*(constrain(a, CACHE_AXES) for a in cache))
         logits_RxV = model.logits(h_Rx1xD, dtype=jnp.float32)[:, 0]
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, s + 1))(keys_R)
