@@ -129,7 +129,7 @@ def main(argv):
     diff = float(np.abs(logits - first_logits).max())
     c_f, t_f = _time(lambda: fwd(state), FLAGS.iters)
     c_b, t_b = _time(lambda: fwd_bwd(state), FLAGS.iters)
-    del state
+    state = None   # free this backend's parameters before the next one
     flops = model_flops_per_token(cfg, FLAGS.seq) * tokens
     mfu = lambda t, frac: (flops * frac / t / 1e12 / FLAGS.peak_tflops) if FLAGS.peak_tflops else float("nan")
     label = f"papo_jax (jit, {backend})"

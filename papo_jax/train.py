@@ -258,18 +258,17 @@ def decode_responses(tokenizer, tokens_RxT: np.ndarray, mask_RxT: np.ndarray, st
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the configured training; returns the last step's metrics."""
   import orbax.checkpoint as ocp
-  import optax
   from tqdm import tqdm
 
   from papo_jax import eval as eval_lib
   from papo_jax import models
   from papo_jax.data import pipeline, remote
-  from papo_jax.parallel import allgather_objects, make_mesh, shard_state, to_host, use_mesh_rules
+  from papo_jax.parallel import allgather_objects, make_mesh, to_host, use_mesh_rules
   from papo_jax.rl import advantages as adv_lib
   from papo_jax.rl import batching, rewards
   from papo_jax.rl.losses import LossConfig, gamma_schedule
-  from papo_jax.rl.train_step import (StepConfig, TrainBatch, TrainState, init_train_state, make_logprob_pass,
-                                      make_optimizer, make_train_step)
+  from papo_jax.rl.train_step import (StepConfig, init_train_state, make_logprob_pass, make_optimizer,
+                                      make_train_step)
   from papo_jax.sampling import SamplingConfig, Sampler
 
   validate_config(c)
@@ -645,8 +644,7 @@ def format_warmup(c, graphdef, state, it, tokenizer, stop_ids, pad_id, mesh):
   from papo_jax.parallel import use_mesh_rules
   from papo_jax.rl import batching
   from papo_jax.rl.losses import LossConfig
-  from papo_jax.rl.train_step import StepConfig, TrainBatch, TrainState, make_optimizer, make_train_step
-  import optax
+  from papo_jax.rl.train_step import StepConfig, TrainState, make_optimizer, make_train_step
 
   rng = np.random.default_rng(c.train.seed + 12345)
   answers_by_kind: dict[str, set] = {}

@@ -92,7 +92,7 @@ def test_remote_model_and_data_are_localised(tmp_path):
   from papo_jax import models
   from papo_jax.data import remote, sources
   from papo_jax.data import testing
-  torch = pytest.importorskip("torch")  # noqa: F841
+  pytest.importorskip("torch")
   import hf_utils as H
 
   hf = H.tiny_hf_model(seed=3)

@@ -7,9 +7,7 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from papo_jax.data import pipeline
 from papo_jax.data.tiny_tokenizer import build_tiny_checkpoint_files
@@ -36,7 +34,6 @@ def test_concat_batches_gives_each_row_its_own_images(tmp_path):
   """The joined batch's logits for every row equal that row's logits in its own process's batch."""
   from flax import nnx
   from papo_jax import models
-  from papo_jax.data.tiny_tokenizer import build_tiny_checkpoint_files  # noqa: F401
   batches, processor = _shard_batches(tmp_path)
   joined = pipeline.concat_batches(batches, processor.pad_token_id)
   assert joined.batch_size == sum(b.batch_size for b in batches)

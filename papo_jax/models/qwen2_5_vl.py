@@ -12,7 +12,7 @@ KV cache (:meth:`Qwen25VL.init_cache`) written at ``cache_index``.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ from flax import nnx
 
 from papo_jax.models.attention import causal_attention, decode_attention, resolve_backend
 from papo_jax.models.config import ModelConfig, TextConfig
-from papo_jax.models.layers import Dense, RMSNorm, apply_rope, param, softmax_attention
+from papo_jax.models.layers import Dense, RMSNorm, apply_rope, softmax_attention
 from papo_jax.models.positions import check_image_tokens, get_rope_index
 from papo_jax.models.vision import VisionTower
 from papo_jax.parallel import constrain
