@@ -7,6 +7,10 @@ override of the wrong type or an unknown field stops at start-up with its name.
 
 from __future__ import annotations
 
+import glob
+import os
+from typing import NamedTuple
+
 import ml_collections
 
 # Per-run constants of the paper (papo.md §2): eps_high, beta, gamma, eta_ori/eta_mask, dynamic sampling.
@@ -63,7 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = dict(steps=202, seed=0, warmup_sft_steps=0, warmup_lr=0.0)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.checkpoint = dict(every=10, keep=3, dir="")   # dir: "" = <workdir>/checkpoints; gs:// URLs work
-  c.log = dict(every=1, tensorboard=True, wandb_project="")
+  # samples_every: every that many steps, samples_per_step sampled responses with their rewards go to
+  # <workdir>/samples.jsonl and TensorBoard text (0: never).
+  c.log = dict(every=1, tensorboard=True, wandb_project="", samples_every=5, samples_per_step=4)
   c.monitor = dict(kl_prcp_spike=5.0, clipfrac_high_max=0.2, entropy_rise=0.5, window=10,
                    action="warn")   # warn | lower_gamma | stop
   # Evaluation (papo_jax/eval.py; papo.md section 7). benchmarks: () = the paper's all;
@@ -102,5 +108,130 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
   c.algo.dynamic_sampling = v["dynamic"]
   c.papo.gamma = v["gamma"]
   c.papo.eta_ori = c.papo.eta_mask = v["eta"]
-  c.data.mask.enabled = v["gamma"] > 0 or v["eta"] > 0
+  c.data.mask.enabled = needs_masked_pass(c)
   return c
+
+
+# ============================================================================================
+# γ and what follows from it
+# ============================================================================================
+
+class PerceptionTerms(NamedTuple):
+  """The perception-KL weight of one step and what follows from it."""
+  gamma: float            # γ now: annealed (papo.gamma_end >= 0), halved once per monitor lowering
+  entropy_scale: float    # scale of the double-entropy terms: γ now / papo.gamma (1 without γ)
+  needs_mask: bool        # the step runs the masked-image pass (data makes masked copies)
+
+
+def needs_masked_pass(c: ml_collections.ConfigDict) -> bool:
+  """The masked-image forward is needed by the perception KL (γ > 0) or the masked entropy (eta_mask)."""
+  return c.papo.gamma > 0 or c.papo.eta_mask != 0
+
+
+def perception_terms(c: ml_collections.ConfigDict, step: int = 0, gamma_halvings: int = 0) -> PerceptionTerms:
+  """γ at ``step`` (0-based): the schedule of ``papo.gamma`` -> ``papo.gamma_end`` (when >= 0,
+  ``losses.gamma_schedule``), times 0.5 per lowering by the KL_prcp monitor; the entropy
+  terms are scaled with it."""
+  from papo_jax.rl.losses import gamma_schedule
+  if c.papo.gamma_end >= 0:
+    gamma, scale = (float(x) for x in gamma_schedule(step, c.train.steps, c.papo.gamma, c.papo.gamma_end))
+  else:
+    gamma, scale = float(c.papo.gamma), 1.0
+  lowered = 0.5 ** gamma_halvings
+  return PerceptionTerms(gamma * lowered, scale * lowered if c.papo.gamma else 1.0, needs_masked_pass(c))
+
+
+def step_config(c: ml_collections.ConfigDict):
+  """The train step's static switches (loss constants, masked-path gradient, log-prob chunk) from a run config."""
+  from papo_jax.rl.losses import LossConfig
+  from papo_jax.rl.train_step import StepConfig
+  loss = LossConfig(eps_low=c.algo.eps_low, eps_high=c.algo.eps_high, dual_clip=c.algo.dual_clip, beta=c.algo.beta,
+                    gamma=c.papo.gamma, eta_ori=c.papo.eta_ori, eta_mask=c.papo.eta_mask, agg=c.algo.agg,
+                    kl_prcp_clamp=(0.0, c.papo.kl_prcp_clamp_hi) if c.papo.kl_prcp_clamp_hi > 0 else None,
+                    kl_prcp_top_frac=c.papo.kl_prcp_top_frac if c.papo.kl_prcp_top_frac > 0 else None)
+  return StepConfig(loss=loss, mask_grad=c.papo.mask_grad, logprob_chunk=c.optim.logprob_chunk)
+
+
+def optimizer(c: ml_collections.ConfigDict):
+  """AdamW with global-norm clipping at ``optim.grad_clip`` (the one place gradients are clipped)."""
+  from papo_jax.rl.train_step import make_optimizer
+  return make_optimizer(c.optim.lr, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
+                        weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip)
+
+
+# ============================================================================================
+# Validation (before anything is built or written)
+# ============================================================================================
+
+class ConfigError(ValueError):
+  """A config field that cannot run; the message names the field."""
+
+
+def checkpoint_dir(c: ml_collections.ConfigDict, workdir: str) -> str:
+  """``checkpoint.dir`` (a local path or a ``gs://`` URL, which orbax writes natively) or ``workdir/checkpoints``."""
+  if c.checkpoint.get("dir"):
+    return c.checkpoint.dir
+  return os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir, "checkpoints")
+
+
+def _check_data_path(need, field: str, source: str, path: str) -> None:
+  """A path where the source reads one (an existing local file, directory or matching glob), none otherwise."""
+  if source == "synthetic":
+    need(not path, field, f"{path!r} is given but source 'synthetic' reads no files; leave it empty")
+    return
+  need(bool(path), field, f"is empty for source {source!r}")
+  if "://" in path and not path.startswith("file://"):
+    return   # remote: checked when it is copied
+  local = path[len("file://"):] if path.startswith("file://") else path
+  if source == "hf_datasets":
+    need(os.path.isfile(os.path.join(local, "state.json")), field,
+         f"{path!r} is not a datasets directory (no state.json)")
+  elif source == "jsonl":
+    need(os.path.isfile(local), field, f"{path!r} is not a file")
+  else:
+    need(os.path.isfile(local) or os.path.isdir(local) or bool(glob.glob(local)), field,
+         f"{path!r} is no file, directory or matching glob")
+
+
+def validate_config(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the field for anything that cannot run."""
+  def need(cond, field, msg):
+    if not cond:
+      raise ConfigError(f"config field {field}: {msg}")
+  need(c.model.init in ("pretrained", "tiny_random"), "model.init", f"{c.model.init!r} is not pretrained|tiny_random")
+  if c.model.init == "pretrained":
+    need(bool(c.model.path), "model.path", "is empty; give a local checkpoint directory")
+    if "://" not in c.model.path:
+      need(os.path.isdir(c.model.path), "model.path", f"{c.model.path!r} is not a directory")
+      need(os.path.exists(os.path.join(c.model.path, "config.json")), "model.path",
+           f"{c.model.path!r} has no config.json")
+  for f in ("dtype", "param_dtype", "ref_dtype"):
+    need(c.model[f] in ("float32", "bfloat16", "float16"), f"model.{f}", f"{c.model[f]!r} is not a float dtype")
+  need(c.data.source in ("parquet", "jsonl", "hf_datasets", "synthetic"), "data.source", f"{c.data.source!r} unknown")
+  _check_data_path(need, "data.path", c.data.source, c.data.path)
+  if c.val.every > 0:
+    val_source = c.val.source or c.data.source
+    need(val_source in ("parquet", "jsonl", "hf_datasets", "synthetic"), "val.source", f"{val_source!r} unknown")
+    if c.val.path or val_source != c.data.source:
+      _check_data_path(need, "val.path", val_source, c.val.path)
+  need(c.rollout.n >= 1, "rollout.n", f"{c.rollout.n} < 1")
+  need(c.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", f"{c.rollout.max_new_tokens} < 1")
+  need(c.algo.name in ("grpo", "dapo"), "algo.name", f"{c.algo.name!r} is not grpo|dapo")
+  need(c.algo.dapo_chunk >= 1, "algo.dapo_chunk", f"{c.algo.dapo_chunk} < 1")
+  need(c.algo.dapo_max_rounds >= 1, "algo.dapo_max_rounds", f"{c.algo.dapo_max_rounds} < 1")
+  need(c.papo.gamma >= 0, "papo.gamma", f"{c.papo.gamma} < 0 (the perception KL is subtracted already)")
+  rows = c.data.batch_size * c.rollout.n
+  need(rows % (c.optim.mini_batches * c.optim.micro_batches) == 0, "optim.micro_batches",
+       f"{rows} rollouts per step do not split into {c.optim.mini_batches} mini x {c.optim.micro_batches} micro batches")
+  need(c.monitor.action in ("warn", "lower_gamma", "stop"), "monitor.action", f"{c.monitor.action!r} unknown")
+  need(c.train.steps >= 1, "train.steps", f"{c.train.steps} < 1")
+  need(c.model.attention in ("auto", "xla", "cudnn", "pallas_tpu"), "model.attention",
+       f"{c.model.attention!r} is not auto|xla|cudnn|pallas_tpu")
+  need(not (c.model.attention == "cudnn" and c.model.dtype == "float32"), "model.attention",
+       "cudnn needs model.dtype bfloat16 or float16")
+  need(c.model.tiny.family in ("qwen2_5_vl", "qwen3_vl"), "model.tiny.family",
+       f"{c.model.tiny.family!r} is not qwen2_5_vl|qwen3_vl")
+  need(c.reward.format_mode in ("auto", "think", "thinking"), "reward.format_mode",
+       f"{c.reward.format_mode!r} is not auto|think|thinking")
+  need(c.log.samples_every >= 0 and c.log.samples_per_step >= 0, "log.samples_every",
+       "log.samples_every and log.samples_per_step must be >= 0")

@@ -33,6 +33,8 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
+from papo_jax.rollouts import score_prompt_batch
+
 FLAGS = flags.FLAGS
 
 
@@ -165,25 +167,8 @@ def read_baseline(path: str) -> dict[str, float]:
 
 
 # ============================================================================================
-# Generation + grading (shared with the trainer's validation)
+# Generation + grading (papo_jax.rollouts.score_prompt_batch, shared with the trainer's validation)
 # ============================================================================================
-
-def score_prompt_batch(sampler, params, batch, *, k: int, key, reward_fn, tokenizer, stop_ids, rows: int | None = None):
-  """k responses per prompt of a PromptBatch, graded; returns (texts [R], scores dict of [R] arrays).
-
-  ``rows``: only the first ``rows`` prompts are graded (the rest pad the last batch).
-  """
-  from papo_jax.parallel import to_host
-  from papo_jax.train import decode_responses
-  ro = sampler.generate(params, batch.input_ids, batch.attention_mask,
-                        batch.pixel_values if batch.num_images else None,
-                        batch.image_grid_thw if batch.num_images else None, n=k, key=key)
-  rows = batch.batch_size if rows is None else rows
-  toks, mask = to_host((ro.tokens_RxT, ro.mask_RxT))
-  texts = decode_responses(tokenizer, toks[:rows * k], mask[:rows * k], stop_ids)
-  answers = [a for a in batch.answers[:rows] for _ in range(k)]
-  return texts, reward_fn(texts, answers)
-
 
 def _batches(source, ids, processor, cfg_data, batch_size: int):
   """(PromptBatch, real rows, per-batch skips) over ``ids`` in order, the last batch padded by repetition."""
@@ -356,9 +341,7 @@ def run(c: ml_collections.ConfigDict, checkpoint: str, out_dir: str, *, step: in
   sampler = Sampler(graphdef, SamplingConfig(
       max_new_tokens=ce.max_new_tokens, temperature=ce.temperature, top_p=ce.top_p, top_k=ce.top_k,
       cache_dtype=c.rollout.cache_dtype, stop_token_ids=stop_ids, pad_token_id=mcfg.pad_token_id))
-  reward_fn = rewards.get_reward_fn(c.reward.name, **({} if c.reward.name in ("synthetic",) or ":" in c.reward.name
-                                                      else dict(timeout_s=c.reward.timeout_s,
-                                                                num_workers=c.reward.num_workers)))
+  reward_fn = rewards.make_reward_fn(c.reward, processor)
   cfg_data = pipeline.DataConfig(source="parquet", path="", min_pixels=ce.min_pixels, max_pixels=ce.max_pixels,
                                  max_prompt_length=c.data.max_prompt_length,
                                  prompt_length_buckets=tuple(c.data.prompt_length_buckets),

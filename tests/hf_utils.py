@@ -1,27 +1,31 @@
-"""Tiny random transformers models and matching inputs for parity tests (torch, CPU)."""
+"""Shared test helpers: tiny random transformers models and matching inputs for parity tests (torch, CPU),
+small benchmark files."""
 
 from __future__ import annotations
 
 import numpy as np
 
-IMAGE_ID, VIDEO_ID, VSTART_ID, VEND_ID = 20, 21, 22, 23
-BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
+from papo_jax.models import tiny
+
+IMAGE_ID, VIDEO_ID, VSTART_ID, VEND_ID = (tiny.TEST_TOKEN_IDS[k] for k in (
+    "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"))
+BOS_ID, EOS_ID, PAD_ID = (tiny.TEST_TOKEN_IDS[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id"))
+
+
+def _ids(vocab: int) -> dict:
+  return dict(tiny.TEST_TOKEN_IDS, vocab_size=vocab)
 
 
 def tiny_hf_config(tie: bool = True, vocab: int = 64, hidden: int = 64, layers: int = 2, heads: int = 4, kv: int = 2,
                    depth: int = 3, fullatt=(1,), mrope=(2, 3, 3)):
   from transformers import Qwen2_5_VLConfig
-  text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers,
-              num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=512,
-              rms_norm_eps=1e-6, tie_word_embeddings=tie, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-              pad_token_id=PAD_ID,
-              rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(mrope)})
-  vision = dict(depth=depth, hidden_size=64, num_heads=4, intermediate_size=80, out_hidden_size=hidden,
-                fullatt_block_indexes=list(fullatt), hidden_act="silu", patch_size=14, spatial_merge_size=2,
-                temporal_patch_size=2, window_size=112, tokens_per_second=2)
-  return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
-                          vision_start_token_id=VSTART_ID, vision_end_token_id=VEND_ID,
-                          tie_word_embeddings=tie, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+  d = tiny.tiny_hf_dict("qwen2_5_vl", ids=_ids(vocab), hidden_size=hidden, intermediate_size=96,
+                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                        vision_depth=depth, vision_hidden_size=64, vision_heads=4, vision_intermediate_size=80,
+                        vision_hidden_act="silu", mrope=mrope, fullatt_block_indexes=fullatt,
+                        max_position_embeddings=512, tie_word_embeddings=tie)
+  d.pop("model_type")
+  return Qwen2_5_VLConfig(**d)
 
 
 def tiny_hf_model(seed: int = 0, **kw):
@@ -46,17 +50,13 @@ def tiny_qwen3_hf_config(tie: bool = True, vocab: int = 64, hidden: int = 64, la
                          kv: int = 2, depth: int = 4, deepstack=(0, 2), table: int = 16, mrope=(4, 2, 2)):
   """Qwen3-VL with a ``table``-entry (sqrt(table) per side) position table and DeepStack from ``deepstack``."""
   from transformers import Qwen3VLConfig
-  text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers,
-              num_attention_heads=heads, num_key_value_heads=kv, head_dim=2 * sum(mrope),
-              max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=tie, bos_token_id=BOS_ID,
-              eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-              rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": list(mrope),
-                               "mrope_interleaved": True})
-  vision = dict(depth=depth, hidden_size=64, num_heads=4, intermediate_size=80, out_hidden_size=hidden,
-                hidden_act="gelu_pytorch_tanh", patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                num_position_embeddings=table, deepstack_visual_indexes=list(deepstack))
-  return Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
-                       vision_start_token_id=VSTART_ID, vision_end_token_id=VEND_ID, tie_word_embeddings=tie)
+  d = tiny.tiny_hf_dict("qwen3_vl", ids=_ids(vocab), hidden_size=hidden, intermediate_size=96,
+                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                        head_dim=2 * sum(mrope), vision_depth=depth, vision_hidden_size=64, vision_heads=4,
+                        vision_intermediate_size=80, mrope=mrope, deepstack_visual_indexes=deepstack,
+                        position_table=table, max_position_embeddings=512, tie_word_embeddings=tie)
+  d.pop("model_type")
+  return Qwen3VLConfig(**d)
 
 
 def tiny_qwen3_hf_model(seed: int = 0, **kw):
@@ -123,3 +123,14 @@ def hf_forward(model, ids, mask, pixel_values, grid):
                                              attention_mask=tm)
     out = model(**kwargs)
   return out.logits.float().numpy(), pos.numpy(), deltas.numpy()
+
+
+def write_geometry3k(root: str, n: int = 5) -> str:
+  """A small ``geometry3k`` benchmark in its published layout (parquet, one image each) under ``root``."""
+  import os
+  from papo_jax.data import testing
+  os.makedirs(os.path.join(root, "geometry3k"), exist_ok=True)
+  testing.write_parquet(os.path.join(root, "geometry3k", "test.parquet"),
+                        [dict(problem=f"<image>Find x. ({i})", answer=str(i + 2),
+                              images=[testing.encode(testing.natural_image(56, 56, i))]) for i in range(n)])
+  return root

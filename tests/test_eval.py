@@ -67,10 +67,10 @@ def tiny_eval_config(tmp_path, benchmarks=("geometry3k", "mathvista", "counting"
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-  from papo_jax.train import build_tiny_checkpoint
+  from papo_jax.models.tiny import build_tiny_checkpoint
   path = str(tmp_path_factory.mktemp("tiny") / "model")
   c = tiny_eval_config(tmp_path_factory.getbasetemp())
-  return build_tiny_checkpoint(c, path)
+  return build_tiny_checkpoint(path, c.model.tiny, min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels)
 
 
 def _recompute(out_dir, names):

@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from papo_jax.data import pipeline
 from papo_jax.data.tiny_tokenizer import build_tiny_checkpoint_files
@@ -34,6 +35,7 @@ def test_concat_batches_gives_each_row_its_own_images(tmp_path):
   """The joined batch's logits for every row equal that row's logits in its own process's batch."""
   from flax import nnx
   from papo_jax import models
+  from papo_jax.models import tiny
   batches, processor = _shard_batches(tmp_path)
   joined = pipeline.concat_batches(batches, processor.pad_token_id)
   assert joined.batch_size == sum(b.batch_size for b in batches)
@@ -45,13 +47,12 @@ def test_concat_batches_gives_each_row_its_own_images(tmp_path):
                                 batches[0].pixel_values[:batches[0].num_patches])
   assert not joined.pixel_values[joined.num_patches:].any()
 
-  cfg = models.from_hf_dict(dict(
-      model_type="qwen2_5_vl", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-      num_attention_heads=2, num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
-      image_token_id=processor.image_token_id, vision_start_token_id=processor.vision_start_token_id,
-      vision_end_token_id=processor.vision_end_token_id,
-      vision_config=dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=32,
-                         fullatt_block_indexes=[1])), dtype="float32")
+  ids = dict(tiny.TEST_TOKEN_IDS, vocab_size=512, image_token_id=processor.image_token_id,
+             vision_start_token_id=processor.vision_start_token_id, vision_end_token_id=processor.vision_end_token_id)
+  cfg = models.from_hf_dict(tiny.tiny_hf_dict(
+      ids=ids, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+      mrope=(2, 2, 4), vision_depth=2, vision_hidden_size=32, vision_heads=2, vision_intermediate_size=32,
+      fullatt_block_indexes=(1,)), dtype="float32")
   model = models.init_model(cfg, seed=0)
   graphdef, state = nnx.split(model)
   fwd = jax.jit(lambda s, ids, m, pv, g: nnx.merge(graphdef, s)(ids, attention_mask=m, pixel_values=pv,
@@ -73,6 +74,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_cpu_run_trains_checkpoints_and_resumes(tmp_path):
   wd = str(tmp_path / "run")
   port = _free_port()
@@ -97,7 +99,7 @@ def test_two_process_cpu_run_trains_checkpoints_and_resumes(tmp_path):
   outs = launch(3)
   assert all("resumed from step 2" in o for o in outs)
   rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
-  assert [r["step"] for r in rows] == [1, 2, 3]            # process 0 alone writes metrics
+  assert [r["step"] for r in rows] == [1, 2, 3]            # process 0 alone writes metrics, each step once
   meta = json.load(open(os.path.join(wd, "checkpoints", "3", "meta", "metadata")))
   shards = meta["data_per_process"]
   assert [s["process_index"] for s in shards] == [0, 1] and all(s["process_count"] == 2 for s in shards)

@@ -7,10 +7,12 @@
   synthetic.py      procedurally drawn shapes task with verifiable answers
   pipeline.py       grain pipeline, PromptBatch, buckets, checkpointable iterator
   tiny_tokenizer.py tiny Qwen-style tokenizer + processor files (tests, CPU demo)
+  decode.py         sampled token ids -> response text
   testing.py        writers of small real data files (tests, bench)
   bench.py          `python -m papo_jax.data.bench`: records/s at Qwen2.5-VL sizes
 """
 
+from papo_jax.data.decode import decode_responses
 from papo_jax.data.masking import MaskConfig
 from papo_jax.data.pipeline import DataConfig
 from papo_jax.data.pipeline import make_iterator

@@ -24,6 +24,16 @@ __all__ = [
     "use_mesh_rules",
 ]
 
-from papo_jax.parallel.multihost import allgather_objects, global_array, to_host  # noqa: E402
+from papo_jax.parallel.multihost import (  # noqa: E402
+    GlobalBatches,
+    allgather_objects,
+    first_process_then_sync,
+    global_array,
+    global_train_arrays,
+    pinned_shardings,
+    start_distributed,
+    to_host,
+)
 
-__all__ += ["allgather_objects", "global_array", "to_host"]
+__all__ += ["GlobalBatches", "allgather_objects", "first_process_then_sync", "global_array", "global_train_arrays",
+            "pinned_shardings", "start_distributed", "to_host"]

@@ -52,3 +52,80 @@ def to_host(tree):
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return jax.tree.map(one, tree)
+
+
+def start_distributed() -> None:
+  """Joins the other processes of a multi-host run (TPU pods and clusters are auto-detected).
+
+  ``PAPO_DISTRIBUTED=1`` asks for it; ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` +
+  ``JAX_PROCESS_ID`` give the processes explicitly (any platform, CPU included).
+  """
+  import os
+  from absl import logging
+  env = os.environ
+  if not (env.get("PAPO_DISTRIBUTED") or int(env.get("JAX_NUM_PROCESSES", "1")) > 1):
+    return
+  if jax.distributed.is_initialized():
+    return
+  kw = {}
+  if env.get("JAX_NUM_PROCESSES"):
+    kw = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"], num_processes=int(env["JAX_NUM_PROCESSES"]),
+              process_id=int(env["JAX_PROCESS_ID"]))
+    if jax.config.jax_platforms in (None, "", "cpu") and "cpu" in (env.get("JAX_PLATFORMS") or "cpu"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kw)
+  logging.info("process %d of %d", jax.process_index(), jax.process_count())
+
+
+def first_process_then_sync(fn, tag: str):
+  """``fn()`` on process 0 only (e.g. writing a shared file); every process waits until it is done."""
+  out = fn() if jax.process_index() == 0 else None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(tag)
+  return out
+
+
+class GlobalBatches:
+  """This process's data shard, joined with the other processes' into one global batch.
+
+  Every process reads only its own records; each ``next`` exchanges the local batches
+  so all processes hold the same global PromptBatch (one process: the local batch).
+  ``get_state``/``set_state`` are this process's own position.
+  """
+
+  def __init__(self, local_iterator, pad_id: int):
+    self.local, self.pad_id = local_iterator, pad_id
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    from papo_jax.data.pipeline import concat_batches
+    return concat_batches(allgather_objects(next(self.local)), self.pad_id)
+
+  def __getattr__(self, name):   # processor, get_state, set_state, close, ...
+    return getattr(self.local, name)
+
+
+# The images of a micro-batch are consumed by the vision tower whole: replicated, not row-sharded.
+WHOLE_MICRO_BATCH_FIELDS = ("pixel_values", "masked_pixel_values", "image_grid_thw")
+
+
+def global_train_arrays(arrays: dict, mesh: Mesh) -> dict:
+  """Host arrays of a TrainBatch (the same on every process) -> global device arrays.
+
+  Row-indexed fields [M, b, ...] are sharded over the batch axes; a micro-batch's images
+  ([M, N, ...]) are replicated.
+  """
+  return {k: global_array(v, mesh, None if k in WHOLE_MICRO_BATCH_FIELDS else (None, "batch"))
+          for k, v in arrays.items()}
+
+
+def pinned_shardings(tree, mesh: Mesh):
+  """Each leaf's current sharding, with single-device leaves replicated over ``mesh``."""
+  from jax.sharding import PartitionSpec
+  def sh(x):
+    s = getattr(x, "sharding", None)
+    return s if isinstance(s, NamedSharding) else NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(sh, tree)

@@ -19,6 +19,7 @@ from flax import nnx
 
 from papo_jax.bench import model_flops_per_token, preset_config
 from papo_jax.models import from_hf_dict, init_model
+from papo_jax.models.tiny import TEST_TOKEN_IDS, tiny_hf_dict
 from papo_jax.rl import batching
 from papo_jax.rl.losses import LossConfig
 from papo_jax.rl.train_step import StepConfig, TrainBatch, init_train_state, make_optimizer, make_train_step
@@ -28,6 +29,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("rows", 8, "Rollouts per step (one micro-batch).")
 flags.DEFINE_integer("prompt", 128, "Prompt tokens (image tokens included).")
 flags.DEFINE_integer("response", 64, "Response tokens.")
+
+# The 'small' preset: a CPU-sized Qwen2.5-VL from the shared tiny builder.
+SMALL = dict(ids=dict(TEST_TOKEN_IDS, vocab_size=4096), hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+             num_attention_heads=8, num_key_value_heads=2, mrope=(4, 6, 6), vision_depth=4, vision_hidden_size=128,
+             vision_heads=4, vision_intermediate_size=256, fullatt_block_indexes=(1, 3))
 
 
 def make_groups(rows: int, prompt: int, response: int, side: int, vocab: int, image_id: int, seed=0):
@@ -52,7 +58,7 @@ def make_groups(rows: int, prompt: int, response: int, side: int, vocab: int, im
 def main(argv):
   del argv
   dtype = "float32" if FLAGS.preset == "small" else "bfloat16"
-  hf = preset_config(FLAGS.preset)
+  hf = tiny_hf_dict(**SMALL) if FLAGS.preset == "small" else preset_config(FLAGS.preset)
   cfg = from_hf_dict(hf, dtype=dtype, param_dtype="float32", remat=FLAGS.preset != "small")
   graphdef, params = nnx.split(init_model(cfg))
   ref = jax.tree.map(lambda a: jnp.array(a, dtype=jnp.dtype(dtype), copy=True), params)  # own buffers: params are donated

@@ -462,3 +462,41 @@ def get_reward_fn(name: str, **kw) -> RewardFn:
       raise ValueError(f'reward {name!r}: {type(obj).__name__} is not callable')
     return functools.partial(obj, **kw) if kw else obj
   raise ValueError(f'reward {name!r}: expected one of {sorted(_REGISTRY)} or "module:function"')
+
+
+# ----------------------------------------------------------------------------------
+# From a run config (shared by training and evaluation).
+# ----------------------------------------------------------------------------------
+
+FORMAT_MODES = ('auto', 'think', 'thinking')
+
+
+def format_mode(mode: str, processor: Any = None) -> str:
+  """``reward.format_mode`` with ``auto`` resolved from the chat template.
+
+  ``thinking`` when the processor's template opens ``<think>`` itself (Qwen3-VL
+  "Thinking"), else ``think``.
+  """
+  if mode not in FORMAT_MODES:
+    raise ValueError(f'reward.format_mode {mode!r} is not one of {FORMAT_MODES}')
+  if mode != 'auto':
+    return mode
+  resolved = 'thinking' if processor is not None and getattr(processor, 'thinking', False) else 'think'
+  logging.info('reward format mode %r (from the chat template)', resolved)
+  return resolved
+
+
+def make_reward_fn(reward_cfg: Any, processor: Any = None) -> RewardFn:
+  """The reward function a run config's ``reward`` group names.
+
+  Built-in rewards grade the format in ``reward.format_mode`` (papo.md section 5); the
+  graders in worker processes (all but ``synthetic``) get ``timeout_s`` and
+  ``num_workers``. A ``module:attr`` reward is called with no extra arguments.
+  """
+  name = reward_cfg.name
+  if ':' in name:
+    return get_reward_fn(name)
+  kw: dict[str, Any] = {'format_mode': format_mode(reward_cfg.format_mode, processor)}
+  if name != 'synthetic':
+    kw.update(timeout_s=reward_cfg.timeout_s, num_workers=reward_cfg.num_workers)
+  return get_reward_fn(name, **kw)

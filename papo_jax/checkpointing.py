@@ -1,0 +1,61 @@
+"""Training checkpoints: the train state, each process's data position and, when it is not the
+initial model, the frozen reference policy.
+
+Layout (orbax, one directory per step under ``checkpoint.dir`` or ``<workdir>/checkpoints``):
+``state`` (TrainState: step, params, optimizer state), ``meta`` (JSON: the data position
+of process 0 and of every process, the step, whether ``ref`` is saved) and ``ref`` (the
+reference parameters, saved when a format warm-up made them differ from the checkpoint
+the run started from).
+"""
+
+from __future__ import annotations
+
+import jax
+from absl import logging
+
+from papo_jax.config_base import checkpoint_dir
+from papo_jax.parallel import allgather_objects
+
+
+class Checkpoints:
+  """Saves and restores one run's steps (asynchronously; :meth:`close` waits for the last save)."""
+
+  def __init__(self, c, workdir: str):
+    import orbax.checkpoint as ocp
+    self.ocp = ocp
+    self.dir = checkpoint_dir(c, workdir)
+    self.mngr = ocp.CheckpointManager(self.dir, options=ocp.CheckpointManagerOptions(
+        max_to_keep=c.checkpoint.keep, enable_async_checkpointing=True))
+
+  def latest_step(self) -> int:
+    """The last saved step, 0 when there is none."""
+    return self.mngr.latest_step() or 0
+
+  def save(self, step: int, state, data_iterator, ref_params=None) -> None:
+    ocp = self.ocp
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({
+        "data": data_iterator.get_state(), "data_per_process": allgather_objects(data_iterator.get_state()),
+        "step": step, "ref": ref_params is not None}))
+    if ref_params is not None:
+      items["ref"] = ocp.args.StandardSave(ref_params)
+    self.mngr.save(step, args=ocp.args.Composite(**items))
+
+  def restore(self, step: int, state, data_iterator, ref_params=None):
+    """(state, ref_params) of ``step``; the data iterator is moved to its saved position.
+
+    ``ref_params``: the reference the run would use without a saved one (its shapes and
+    shardings are the template); returned unchanged when the checkpoint holds none.
+    """
+    ocp = self.ocp
+    meta = self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    items = dict(state=ocp.args.StandardRestore(state))
+    if ref_params is not None and meta.get("ref"):
+      items["ref"] = ocp.args.StandardRestore(ref_params)
+    restored = self.mngr.restore(step, args=ocp.args.Composite(**items))
+    per_process = meta.get("data_per_process")
+    data_iterator.set_state(per_process[jax.process_index()] if per_process else meta["data"])
+    logging.info("resumed from step %d in %s", step, self.dir)
+    return restored.state, (restored.ref if "ref" in items else ref_params)
+
+  def close(self) -> None:
+    self.mngr.wait_until_finished()

@@ -1,0 +1,323 @@
+"""What a training run reports: per-step metrics, sampled responses, the console, the KL_prcp monitor.
+
+Files in the workdir (process 0 only): ``metrics.jsonl`` (one row per step),
+``samples.jsonl`` (a few sampled responses with their rewards every
+``log.samples_every`` steps), ``tb/`` (TensorBoard scalars and the samples as text) and,
+when configured, a W&B run. After a resume both JSONL files are cut back to the restored
+step, so each step appears once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging as py_logging
+import os
+import sys
+
+import jax
+import numpy as np
+from absl import logging
+
+# ============================================================================================
+# Metrics of one step (pure functions of host data)
+# ============================================================================================
+
+
+def mean_over_updates(step_metrics: list[dict]) -> dict[str, float]:
+  """The mean of each train-step metric over the step's optimizer updates (mini-batches)."""
+  return {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+
+
+def rollout_metrics(rewards: dict[str, np.ndarray], response_lengths: np.ndarray, max_new_tokens: int) -> dict:
+  """reward/* (overall, format, accuracy) and response_length/* of the step's kept rollouts."""
+  lengths = np.asarray(response_lengths)
+  return {
+      "reward/overall": float(rewards["overall"].mean()), "reward/format": float(rewards["format"].mean()),
+      "reward/accuracy": float(rewards["accuracy"].mean()),
+      "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
+      "response_length/clip_ratio": float((lengths >= max_new_tokens).mean()),
+  }
+
+
+def data_metrics(stats: dict) -> dict[str, float]:
+  """Dropped records so far, in total and by reason, from a PromptBatch's flat ``stats``.
+
+  The pipeline reports records dropped while batching as ``skipped_total/<reason>``
+  (running totals) and those the start-up prefilter dropped as ``prefilter/<reason>``
+  (``prefilter/kept`` is the count it kept); both count here.
+  """
+  by_reason: dict[str, float] = {}
+  for key, value in stats.items():
+    prefix, _, reason = key.partition("/")
+    if reason and (prefix == "skipped_total" or (prefix == "prefilter" and reason != "kept")):
+      by_reason[reason] = by_reason.get(reason, 0.0) + float(value)
+  out = {"data/skipped_total": float(sum(by_reason.values()))}
+  out.update({f"data/skipped_total/{r}": v for r, v in sorted(by_reason.items())})
+  return out
+
+
+def throughput(tokens: float, seconds: float) -> dict[str, float]:
+  return {"throughput/tokens_per_s_per_device": tokens / seconds / jax.device_count()}
+
+
+def step_row(step_metrics: list[dict], rewards: dict, groups: list, extra: dict, stats: dict, c, gamma: float,
+             seconds: float) -> dict:
+  """The metrics row of one RL step: train-step means, rollouts, data, ``extra`` (timings, DAPO rounds)."""
+  lengths = np.concatenate([g.response_mask.sum(-1) for g in groups])
+  tokens = float(sum(g.response_mask.sum() + g.prompt_mask.sum() * g.responses.shape[0] for g in groups))
+  return {**mean_over_updates(step_metrics), **rollout_metrics(rewards, lengths, c.rollout.max_new_tokens),
+          "actor/lr": float(c.optim.lr), "actor/gamma": float(gamma), **data_metrics(stats),
+          **{k: float(v) for k, v in extra.items()}, "timing/step": seconds, **throughput(tokens, seconds)}
+
+
+# ============================================================================================
+# KL_prcp hacking monitor (papo.md §8)
+# ============================================================================================
+
+
+class Monitor:
+  """Early warnings of KL_prcp hacking: perception-KL spike, rising high clip, rising entropies.
+
+  ``monitor.action``: warn | lower_gamma (each warning halves γ from then on; the
+  trainer reads :attr:`gamma_halvings`) | stop.
+  """
+
+  def __init__(self, m):
+    self.cfg = m
+    self.hist: list[dict] = []
+    self.gamma_halvings = 0
+
+  def check(self, metrics: dict) -> list[str]:
+    warnings = []
+    h = self.hist[-self.cfg.window:]
+    if len(h) >= 3:
+      base = np.median([x.get("actor/kl_prcp", 0.0) for x in h])
+      kl = metrics.get("actor/kl_prcp", 0.0)
+      if base > 0 and kl > self.cfg.kl_prcp_spike * base:
+        warnings.append(f"perception KL spiked to {kl:.4g} ({kl / base:.1f}x its recent median)")
+      clip = [x.get("actor/clipfrac_high", 0.0) for x in h] + [metrics.get("actor/clipfrac_high", 0.0)]
+      if clip[-1] > self.cfg.clipfrac_high_max and all(a <= b for a, b in zip(clip[-4:], clip[-3:])):
+        warnings.append(f"high-side clip fraction keeps rising ({clip[-1]:.3f})")
+      for k in ("actor/entropy_ori", "actor/entropy_mask"):
+        e0 = np.mean([x.get(k, 0.0) for x in h])
+        if k in metrics and e0 > 0 and metrics[k] > (1 + self.cfg.entropy_rise) * e0:
+          warnings.append(f"{k} rose to {metrics[k]:.3f} from {e0:.3f}")
+    self.hist.append(metrics)
+    return warnings
+
+  def should_stop(self, step: int, metrics: dict) -> bool:
+    """Logs this step's warnings and applies ``monitor.action``; True when the run should stop."""
+    for w in self.check(metrics):
+      logging.warning("step %d: KL_prcp hacking warning: %s", step, w)
+      if self.cfg.action == "lower_gamma":
+        self.gamma_halvings += 1
+        logging.warning("lowering gamma to %g x its schedule", 0.5 ** self.gamma_halvings)
+      elif self.cfg.action == "stop":
+        logging.warning("stopping; the last good checkpoint is kept")
+        return True
+    return False
+
+
+# ============================================================================================
+# Files: metrics.jsonl, samples.jsonl, TensorBoard, W&B
+# ============================================================================================
+
+
+def read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_jsonl(path: str, last_step: int) -> int:
+  """Drops the rows of ``path`` past ``last_step`` (steps logged after the checkpoint a run resumes from).
+
+  Returns the number of rows dropped. A torn last line (a kill mid-write) is dropped too.
+  """
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        dropped += 1
+        continue
+      if row.get("step", 0) <= last_step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+      else:
+        dropped += 1
+  if dropped:
+    with open(path, "w") as f:
+      f.writelines(kept)
+  return dropped
+
+
+class MetricWriter:
+  """JSONL in the workdir, TensorBoard (and W&B when configured); process 0 only.
+
+  ``start_step``: the step the run starts (or resumes) from; rows past it are removed.
+  """
+
+  def __init__(self, workdir: str, c, start_step: int = 0):
+    self.active = jax.process_index() == 0
+    self.jsonl = self.samples = self.tb = self.wandb = None
+    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+    self.samples_path = os.path.join(workdir, "samples.jsonl")
+    self.tb_dir = os.path.join(workdir, "tb") if c.log.tensorboard else None
+    if not self.active:
+      return
+    for path in (self.metrics_path, self.samples_path):
+      if truncate_jsonl(path, start_step):
+        logging.info("%s: dropped the rows past step %d (logged before the restored checkpoint)", path, start_step)
+    self.jsonl = open(self.metrics_path, "a")
+    self.samples = open(self.samples_path, "a")
+    if c.log.tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(self.tb_dir)
+      except ImportError:
+        logging.warning("tensorboardX is not installed; TensorBoard logging is off")
+        self.tb_dir = None
+    if c.log.wandb_project:
+      import wandb  # optional dependency
+      self.wandb = wandb.init(project=c.log.wandb_project, config=c.to_dict(), dir=workdir)
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.active:
+      return
+    row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+    self.jsonl.write(json.dumps(row) + "\n")
+    self.jsonl.flush()
+    if self.tb is not None:
+      for k, v in row.items():
+        if k != "step":
+          self.tb.add_scalar(k, v, step)
+      self.tb.flush()
+    if self.wandb is not None:
+      self.wandb.log(row, step=step)
+
+  def write_samples(self, step: int, samples: list[dict]) -> None:
+    """Rows ``{step, prompt, answer, response, reward/...}`` to samples.jsonl and as TensorBoard text."""
+    if not self.active or not samples:
+      return
+    for s in samples:
+      self.samples.write(json.dumps({"step": step, **s}) + "\n")
+    self.samples.flush()
+    if self.tb is not None:
+      self.tb.add_text("samples", samples_markdown(samples), step)
+      self.tb.flush()
+
+  def close(self):
+    for f in (self.jsonl, self.samples, self.tb):
+      if f is not None:
+        f.close()
+
+
+def pick_samples(rows: list[tuple[str, str, str]], rewards: dict[str, np.ndarray], count: int) -> list[dict]:
+  """The first ``count`` of a step's (prompt, answer, response) rows with their rewards."""
+  return [{"prompt": prompt, "answer": answer, "response": response,
+           **{f"reward/{k}": float(v[i]) for k, v in rewards.items()}}
+          for i, (prompt, answer, response) in enumerate(rows[:count])]
+
+
+def samples_markdown(samples: list[dict]) -> str:
+  rows = ["| answer | reward/overall | response |", "|---|---|---|"]
+  for s in samples:
+    resp = s["response"].replace("|", "\\|").replace("\n", " ")
+    rows.append(f"| {s['answer']} | {s.get('reward/overall', float('nan')):.2f} | `{resp}` |")
+  return "\n".join(rows)
+
+
+# ============================================================================================
+# Console
+# ============================================================================================
+
+# The per-step console line: the same names as metrics.jsonl.
+CONSOLE_KEYS = ("reward/overall", "reward/accuracy", "reward/format", "response_length/mean", "actor/kl_prcp",
+                "actor/pg_loss", "actor/grad_norm", "timing/step")
+
+
+def console_line(step: int, metrics: dict) -> str:
+  parts = [f"{k} {metrics[k]:.4g}" for k in CONSOLE_KEYS if k in metrics]
+  return f"step {step} | " + " | ".join(parts)
+
+
+def bar_postfix(metrics: dict) -> dict[str, str]:
+  return {k: f"{metrics[k]:.3f}" for k in ("reward/overall", "reward/accuracy") if k in metrics}
+
+
+class _OrbaxInfoFilter(py_logging.Filter):
+  """Drops orbax's INFO chatter (one line per checkpoint step and file); its warnings stay."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+_ORBAX_FILTER = _OrbaxInfoFilter()
+
+
+def quiet_orbax() -> None:
+  """Silences orbax below WARNING on the absl handler and on orbax's own loggers."""
+  handler = logging.get_absl_handler()
+  if _ORBAX_FILTER not in handler.filters:
+    handler.addFilter(_ORBAX_FILTER)
+  for name in ("orbax", "orbax.checkpoint"):
+    py_logging.getLogger(name).setLevel(py_logging.WARNING)
+
+
+class _AboveBar:
+  """A text stream that writes whole lines through ``tqdm.write``, above the progress bar."""
+
+  def __init__(self, stream):
+    self.stream, self.buf = stream, ""
+
+  def write(self, s: str) -> int:
+    from tqdm import tqdm
+    self.buf += s
+    while "\n" in self.buf:
+      line, self.buf = self.buf.split("\n", 1)
+      tqdm.write(line, file=self.stream)
+    return len(s)
+
+  def flush(self):
+    self.stream.flush()
+
+  def __getattr__(self, name):   # isatty, fileno, encoding, ...
+    return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def logs_above_progress_bar():
+  """Log lines go above the tqdm bar instead of being glued onto it."""
+  handler = logging.get_absl_handler().python_handler
+  old = handler.stream
+  handler.stream = _AboveBar(old if old is not None else sys.stderr)
+  try:
+    yield
+  finally:
+    handler.stream = old
+
+
+def summary(*, workdir: str, ckpt_dir: str, steps_done: int, total_steps: int, seconds: float,
+            rows: list[dict], writer: MetricWriter | None = None) -> str:
+  """The end-of-run report: steps, wall time, final reward, held-out accuracy and where the files are."""
+  lines = [f"finished {steps_done}/{total_steps} steps in {seconds / 60:.1f} min" if steps_done
+           else f"nothing to do: the run already finished its {total_steps} steps"]
+  if rows:
+    tail = rows[-max(1, len(rows) // 10):]
+    lines.append(f"reward/overall: last step {rows[-1].get('reward/overall', float('nan')):.3f}, "
+                 f"mean of the last {len(tail)} steps {np.mean([r.get('reward/overall', np.nan) for r in tail]):.3f}")
+    val = [r for r in rows if "val/accuracy" in r]
+    if val:
+      lines.append(f"held-out accuracy (val/accuracy) at step {val[-1]['step']}: {val[-1]['val/accuracy']:.3f}"
+                   + (f" (first: {val[0]['val/accuracy']:.3f} at step {val[0]['step']})" if len(val) > 1 else ""))
+  lines.append(f"metrics: {os.path.join(workdir, 'metrics.jsonl')}")
+  lines.append(f"samples: {os.path.join(workdir, 'samples.jsonl')}")
+  if writer is not None and writer.tb_dir:
+    lines.append(f"TensorBoard: tensorboard --logdir {writer.tb_dir}")
+  lines.append(f"checkpoints: {ckpt_dir}")
+  return "\n".join(lines)
