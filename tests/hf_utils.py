@@ -18,14 +18,11 @@ def _ids(vocab: int) -> dict:
 
 def tiny_hf_config(tie: bool = True, vocab: int = 64, hidden: int = 64, layers: int = 2, heads: int = 4, kv: int = 2,
                    depth: int = 3, fullatt=(1,), mrope=(2, 3, 3)):
-  from transformers import Qwen2_5_VLConfig
-  d = tiny.tiny_hf_dict("qwen2_5_vl", ids=_ids(vocab), hidden_size=hidden, intermediate_size=96,
-                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                        vision_depth=depth, vision_hidden_size=64, vision_heads=4, vision_intermediate_size=80,
-                        vision_hidden_act="silu", mrope=mrope, fullatt_block_indexes=fullatt,
-                        max_position_embeddings=512, tie_word_embeddings=tie)
-  d.pop("model_type")
-  return Qwen2_5_VLConfig(**d)
+  return tiny.to_transformers_config(tiny.tiny_hf_dict(
+      "qwen2_5_vl", ids=_ids(vocab), hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers,
+      num_attention_heads=heads, num_key_value_heads=kv, vision_depth=depth, vision_hidden_size=64, vision_heads=4,
+      vision_intermediate_size=80, vision_hidden_act="silu", mrope=mrope, fullatt_block_indexes=fullatt,
+      max_position_embeddings=512, tie_word_embeddings=tie))
 
 
 def tiny_hf_model(seed: int = 0, **kw):
@@ -49,14 +46,12 @@ def tiny_hf_model(seed: int = 0, **kw):
 def tiny_qwen3_hf_config(tie: bool = True, vocab: int = 64, hidden: int = 64, layers: int = 3, heads: int = 4,
                          kv: int = 2, depth: int = 4, deepstack=(0, 2), table: int = 16, mrope=(4, 2, 2)):
   """Qwen3-VL with a ``table``-entry (sqrt(table) per side) position table and DeepStack from ``deepstack``."""
-  from transformers import Qwen3VLConfig
-  d = tiny.tiny_hf_dict("qwen3_vl", ids=_ids(vocab), hidden_size=hidden, intermediate_size=96,
-                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                        head_dim=2 * sum(mrope), vision_depth=depth, vision_hidden_size=64, vision_heads=4,
-                        vision_intermediate_size=80, mrope=mrope, deepstack_visual_indexes=deepstack,
-                        position_table=table, max_position_embeddings=512, tie_word_embeddings=tie)
-  d.pop("model_type")
-  return Qwen3VLConfig(**d)
+  return tiny.to_transformers_config(tiny.tiny_hf_dict(
+      "qwen3_vl", ids=_ids(vocab), hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers,
+      num_attention_heads=heads, num_key_value_heads=kv, head_dim=2 * sum(mrope), vision_depth=depth,
+      vision_hidden_size=64, vision_heads=4, vision_intermediate_size=80, mrope=mrope,
+      deepstack_visual_indexes=deepstack, position_table=table, max_position_embeddings=512,
+      tie_word_embeddings=tie))
 
 
 def tiny_qwen3_hf_model(seed: int = 0, **kw):

@@ -15,11 +15,9 @@ from papo_jax.models.limits import max_image_patches
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_tiny_config_reads_the_same_in_transformers_and_ours(family):
   pytest.importorskip("transformers")
-  import transformers
   d = tiny.tiny_hf_dict(family)
   ours = models.from_hf_dict(d)
-  cls = transformers.Qwen3VLConfig if family == "qwen3_vl" else transformers.Qwen2_5_VLConfig
-  theirs = models.from_hf_dict(cls(**{k: v for k, v in d.items() if k != "model_type"}).to_dict())
+  theirs = models.from_hf_dict(tiny.to_transformers_config(d).to_dict())
   assert ours.replace(hf_dict=None) == theirs.replace(hf_dict=None)
   assert ours.text.hidden_size == 64 and ours.vision.depth == 2 and ours.image_token_id == 20
   assert sum(ours.text.mrope_section) * 2 == ours.text.head_dim

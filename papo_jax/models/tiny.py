@@ -103,3 +103,10 @@ def build_tiny_checkpoint(path: str, tiny: Any, *, min_pixels: int | None = None
   cfg = from_hf_dict(tiny_model_config(tiny, ids), dtype="float32", param_dtype="float32")
   save_pretrained(init_model(cfg.replace(hf_dict=None), seed=tiny.seed), path)
   return path
+
+
+def to_transformers_config(hf: dict[str, Any]):
+  """The transformers config object of a :func:`tiny_hf_dict` (``Qwen2_5_VLConfig`` / ``Qwen3VLConfig``)."""
+  import transformers
+  cls = transformers.Qwen3VLConfig if hf["model_type"] == "qwen3_vl" else transformers.Qwen2_5_VLConfig
+  return cls(**{k: v for k, v in hf.items() if k != "model_type"})
