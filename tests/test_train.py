@@ -66,6 +66,8 @@ def uninterrupted(tmp_path_factory):
   samples = [json.loads(line) for line in open(os.path.join(wd, "samples.jsonl"))]
   assert sorted({s["step"] for s in samples}) == [4, 8, 12]
   assert all({"prompt", "answer", "response", "reward/overall"} <= set(s) for s in samples)
+  # the reference policy is the policy after the format warm-up: the first update starts on it
+  assert abs(_metrics(wd)[0]["actor/kl_ref"]) <= 1e-6
   return wd
 
 
