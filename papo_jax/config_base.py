@@ -222,7 +222,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   need(c.papo.gamma >= 0, "papo.gamma", f"{c.papo.gamma} < 0 (the perception KL is subtracted already)")
   rows = c.data.batch_size * c.rollout.n
   need(rows % (c.optim.mini_batches * c.optim.micro_batches) == 0, "optim.micro_batches",
-       f"{rows} rollouts per step do not split into {c.optim.mini_batches} mini x {c.optim.micro_batches} micro batches")
+       f"{rows} rollouts per step do not split into {c.optim.mini_batches} mini x "
+       f"{c.optim.micro_batches} micro batches")
   need(c.monitor.action in ("warn", "lower_gamma", "stop"), "monitor.action", f"{c.monitor.action!r} unknown")
   need(c.train.steps >= 1, "train.steps", f"{c.train.steps} < 1")
   need(c.model.attention in ("auto", "xla", "cudnn", "pallas_tpu"), "model.attention",

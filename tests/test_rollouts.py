@@ -1,6 +1,5 @@
 """Rollout plumbing shared by training and evaluation: decoding, groups, the DAPO chunked refill."""
 
-import types
 
 import numpy as np
 import pytest

@@ -78,7 +78,8 @@ def uninterrupted(tmp_path_factory):
 def _prompt_batch(answers, index, prompt_len=6):
   b = len(answers)
   return types.SimpleNamespace(
-      input_ids=np.arange(b * prompt_len).reshape(b, prompt_len) % 50 + 30, attention_mask=np.ones((b, prompt_len), int),
+      input_ids=np.arange(b * prompt_len).reshape(b, prompt_len) % 50 + 30,
+      attention_mask=np.ones((b, prompt_len), int),
       pixel_values=None, masked_pixel_values=None, image_grid_thw=np.zeros((0, 3), int),
       image_counts=np.zeros(b, int), num_images=0, answers=list(answers), problems=[f"q{a}" for a in answers],
       batch_size=b, stats={"batch_index": index, "skipped_total/too_long": index})
@@ -228,7 +229,6 @@ def test_export_loads_in_transformers_with_same_logits(uninterrupted, tmp_path):
   torch = pytest.importorskip("torch")
   import jax.numpy as jnp
   from transformers import Qwen2_5_VLForConditionalGeneration
-  from papo_jax import models
   from papo_jax.export import export, load_trained_model
   out = export(uninterrupted, str(tmp_path / "hf"))
   ours, _, _, _ = load_trained_model(uninterrupted)
