@@ -1,5 +1,4 @@
-"""Rollout plumbing shared by training and evaluation: decoding, groups, the DAPO chunked refill."""
-
+"""Rollout plumbing shared by training and evaluation: decoding responses, the reward from a run config."""
 
 import numpy as np
 import pytest
