@@ -51,3 +51,24 @@ def test_make_reward_fn_resolves_format_mode_and_arguments(tmp_path):
 def plain_reward(responses, answers):
   acc = np.asarray([r == a for r, a in zip(responses, answers)], np.float32)
   return {"overall": acc, "accuracy": acc, "format": acc}
+
+
+def test_groups_from_batch_gives_each_prompt_its_images_and_responses():
+  import types
+  from papo_jax.rollouts import groups_from_batch, repeat_answers
+  pv = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)          # 4 + 8 real patch rows, 4 padding rows
+  batch = types.SimpleNamespace(
+      input_ids=np.array([[0, 5, 6], [7, 8, 9]]), attention_mask=np.array([[0, 1, 1], [1, 1, 1]]),
+      pixel_values=pv, masked_pixel_values=-pv, image_grid_thw=np.array([[1, 2, 2], [1, 2, 4]]),
+      image_counts=np.array([1, 1]), num_images=2)
+  toks = np.arange(2 * 3 * 4).reshape(6, 4)                          # n = 3 responses per prompt
+  mask = np.ones_like(toks)
+  g0, g1 = groups_from_batch(batch, toks, mask, 3)
+  np.testing.assert_array_equal(g0.pixel_values, pv[:4])
+  np.testing.assert_array_equal(g1.pixel_values, pv[4:12])
+  np.testing.assert_array_equal(g1.masked_pixel_values, -pv[4:12])
+  np.testing.assert_array_equal(g1.image_grid_thw, [[1, 2, 4]])
+  np.testing.assert_array_equal(g1.responses, toks[3:])
+  np.testing.assert_array_equal(g0.prompt_mask, [0, 1, 1])
+  assert (g0.advantages == 0).all() and g0.advantages.shape == (3,)
+  assert repeat_answers(["a", "b"], 2) == ["a", "a", "b", "b"]
