@@ -126,3 +126,46 @@ def test_remote_model_and_data_are_localised(tmp_path):
     fs.put_file(str(data_dir / name), f"/bucket/virl/{name}")
   src = sources.make_source("parquet", remote.localize("memory://bucket/virl", cache_dir=cache))
   assert len(src) == 3
+
+
+def _fake_hf_cache(cache, repo, files_dir, commit="0123456789abcdef0123456789abcdef01234567"):
+  """The Hugging Face cache layout of one downloaded snapshot (models--ORG--NAME/{refs,snapshots})."""
+  import shutil
+  storage = os.path.join(cache, "models--" + repo.replace("/", "--"))
+  os.makedirs(os.path.join(storage, "refs"))
+  with open(os.path.join(storage, "refs", "main"), "w") as f:
+    f.write(commit)
+  shutil.copytree(files_dir, os.path.join(storage, "snapshots", commit))
+  return os.path.join(storage, "snapshots", commit)
+
+
+def test_hf_model_path_resolves_through_the_hub_cache(tmp_path, monkeypatch):
+  """hf://ORG/NAME goes through huggingface_hub.snapshot_download; a cached snapshot is used offline."""
+  import huggingface_hub
+  from huggingface_hub import constants
+  from papo_jax.data import remote
+  src = tmp_path / "files"
+  src.mkdir()
+  (src / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+  (src / "model.safetensors").write_bytes(b"weights")
+  cache = str(tmp_path / "hf_cache")
+  snap = _fake_hf_cache(cache, "acme/tiny-vl", str(src))
+  # The real snapshot_download, offline: it must find the cached snapshot and touch no network.
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+  got = remote.localize("hf://acme/tiny-vl")
+  assert os.path.realpath(got) == os.path.realpath(snap)
+  assert open(os.path.join(got, "config.json")).read() == '{"model_type": "qwen2_5_vl"}'
+  with pytest.raises(Exception):           # not cached and offline: an error, never a silent empty dir
+    remote.localize("hf://acme/absent")
+
+  # The repo id and revision reach snapshot_download; the result is what it returns.
+  calls = []
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, revision=None: calls.append((repo, revision))
+                      or str(src))
+  assert remote.localize("hf://acme/tiny-vl@v2") == str(src)
+  assert remote.localize("hf://acme/tiny-vl/") == str(src)
+  assert calls == [("acme/tiny-vl", "v2"), ("acme/tiny-vl", None)]
+  for bad in ("hf://tiny-vl", "hf://a/b/c", "hf:///b"):
+    with pytest.raises(ValueError, match="hf://ORG/NAME"):
+      remote.localize(bad)
