@@ -152,3 +152,110 @@ def test_config_errors_name_the_field(tmp_path, tiny_model_dir):
   c.eval.data_dir = ""
   with pytest.raises(ValueError, match="eval.data_dir"):
     E.run(c, tiny_model_dir, str(tmp_path / "o"))
+
+
+def _rows(out, name):
+  return [json.loads(line) for line in open(os.path.join(out, f"{name}.jsonl"))]
+
+
+def test_stale_results_are_recomputed_and_the_report_names_the_run(tmp_path, tiny_model_dir, caplog):
+  """A done-record from another k, grader or checkpoint is not read back; the log says what differed."""
+  import shutil
+  write_benchmarks(str(tmp_path / "bench"))
+  out = str(tmp_path / "out")
+  c = tiny_eval_config(tmp_path, benchmarks=("geometry3k",))
+  E.run(c, tiny_model_dir, out)
+  done = json.load(open(os.path.join(out, "geometry3k.done.json")))
+  ident = done["identity"]
+  assert ident["checkpoint"]["checkpoint"] == os.path.abspath(tiny_model_dir) and ident["checkpoint"]["step"] is None
+  assert ident["settings"]["k"] == 3 and ident["settings"]["temperature"] == c.eval.temperature
+  assert ident["settings"]["format_mode"] in ("think", "thinking") and ident["settings"]["reward"] == c.reward.name
+  assert ident["data"]["files"] == [["test.parquet", os.path.getsize(tmp_path / "bench" / "geometry3k" / "test.parquet")]]
+  md = open(os.path.join(out, "results.md")).read()
+  assert f"# Evaluation of {os.path.abspath(tiny_model_dir)}" in md
+  assert "step -" in md and "- date: 20" in md and "k=3" in md and "temperature=1.0" in md and "top_k=" in md
+  run_info = json.load(open(os.path.join(out, "results.json")))["run"]
+  assert run_info["checkpoint"] == ident["checkpoint"] and run_info["date"].startswith("20")
+
+  # k=2: recomputed with 2 samples per question, and the log names the difference.
+  c2 = tiny_eval_config(tmp_path, benchmarks=("geometry3k",))
+  c2.eval.k = 2
+  with caplog.at_level("WARNING"):
+    res = E.run(c2, tiny_model_dir, out)
+  assert "settings.k: 3 there, 2 now" in caplog.text
+  assert all(len(r["accuracy"]) == 2 for r in _rows(out, "geometry3k"))
+  assert res["k"] == 2 and json.load(open(os.path.join(out, "geometry3k.done.json")))["k"] == 2
+  assert "k=2" in open(os.path.join(out, "results.md")).read()
+
+  # Another grader format mode: recomputed.
+  caplog.clear()
+  c2.reward.format_mode = "thinking" if ident["settings"]["format_mode"] == "think" else "think"
+  with caplog.at_level("WARNING"):
+    E.run(c2, tiny_model_dir, out)
+  assert "settings.format_mode" in caplog.text
+
+  # Another checkpoint in the same place (changed weights): the fingerprint differs, recomputed.
+  other = str(tmp_path / "other")
+  shutil.copytree(tiny_model_dir, other)
+  mtime = os.path.getmtime(os.path.join(out, "geometry3k.jsonl"))
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    E.run(c2, other, out)
+  assert "checkpoint.checkpoint" in caplog.text and "checkpoint.fingerprint" not in caplog.text   # same bytes
+  assert os.path.getmtime(os.path.join(out, "geometry3k.jsonl")) != mtime
+  # Unchanged: read back.
+  mtime = os.path.getmtime(os.path.join(out, "geometry3k.jsonl"))
+  E.run(c2, other, out)
+  assert os.path.getmtime(os.path.join(out, "geometry3k.jsonl")) == mtime
+
+
+def test_fingerprint_follows_the_bytes(tmp_path):
+  d = tmp_path / "m"
+  d.mkdir()
+  (d / "config.json").write_text("{}")
+  big = np.random.default_rng(0).integers(0, 255, 9 << 20, dtype=np.uint8)
+  (d / "model.safetensors").write_bytes(big.tobytes())
+  a = E.fingerprint_files(str(d))
+  assert E.fingerprint_files(str(d)) == a
+  big[len(big) // 2 + 10] ^= 1                        # one byte in the middle window: equal size, new weights
+  (d / "model.safetensors").write_bytes(big.tobytes())
+  b = E.fingerprint_files(str(d))
+  assert b != a
+  (d / "config.json").write_text('{"x": 1}')
+  assert E.fingerprint_files(str(d)) != b
+
+
+def test_workdir_identity_names_the_step(tmp_path):
+  """A training workdir: the latest orbax step by default, or the asked one; each step its own fingerprint."""
+  import orbax.checkpoint as ocp
+  wd = tmp_path / "run"
+  (wd / "checkpoints").mkdir(parents=True)
+  (wd / "config.json").write_text(json.dumps({"checkpoint": {"dir": ""}}))
+  with ocp.CheckpointManager(str(wd / "checkpoints")) as mngr:
+    for step in (110, 120):
+      mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": np.full(4, step, np.float32)})))
+    mngr.wait_until_finished()
+  latest = E.checkpoint_identity(str(wd))
+  assert latest["step"] == 120 and latest["checkpoint"] == str(wd)
+  at110 = E.checkpoint_identity(str(wd), 110)
+  assert at110["step"] == 110 and at110["fingerprint"] != latest["fingerprint"]
+  assert E.record_mismatch({"checkpoint": latest}, {"checkpoint": at110}) == [
+      f"checkpoint.fingerprint: {at110['fingerprint']!r} there, {latest['fingerprint']!r} now",
+      "checkpoint.step: 110 there, 120 now"]
+  with pytest.raises(FileNotFoundError, match="no checkpoint at step 115"):
+    E.checkpoint_identity(str(wd), 115)
+
+
+def test_missing_benchmarks_fail_before_any_generation(tmp_path, monkeypatch):
+  write_benchmarks(str(tmp_path / "bench"))
+  c = tiny_eval_config(tmp_path, benchmarks=("geometry3k", "wemath", "mathvista", "superclevr"))
+  def no_model(*a, **k):
+    raise AssertionError("the model was loaded before the benchmark files were checked")
+  monkeypatch.setattr(E, "load_policy", no_model)
+  monkeypatch.setattr(E, "checkpoint_identity", no_model)
+  out = tmp_path / "o"
+  with pytest.raises(FileNotFoundError) as e:
+    E.run(c, "/nonexistent/model", str(out))
+  msg = str(e.value)
+  assert "2 of 4" in msg and "benchmark wemath" in msg and "benchmark superclevr" in msg and "geometry3k" not in msg
+  assert not out.exists()
