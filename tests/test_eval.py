@@ -158,9 +158,9 @@ def _rows(out, name):
   return [json.loads(line) for line in open(os.path.join(out, f"{name}.jsonl"))]
 
 
+@pytest.mark.slow
 def test_stale_results_are_recomputed_and_the_report_names_the_run(tmp_path, tiny_model_dir, caplog):
-  """A done-record from another k, grader or checkpoint is not read back; the log says what differed."""
-  import shutil
+  """End to end through run(): the done-record's identity, a k change recomputes, the report header."""
   write_benchmarks(str(tmp_path / "bench"))
   out = str(tmp_path / "out")
   c = tiny_eval_config(tmp_path, benchmarks=("geometry3k",))
@@ -168,6 +168,7 @@ def test_stale_results_are_recomputed_and_the_report_names_the_run(tmp_path, tin
   done = json.load(open(os.path.join(out, "geometry3k.done.json")))
   ident = done["identity"]
   assert ident["checkpoint"]["checkpoint"] == os.path.abspath(tiny_model_dir) and ident["checkpoint"]["step"] is None
+  assert ident["checkpoint"]["fingerprint"] == E.fingerprint_files(tiny_model_dir)
   assert ident["settings"]["k"] == 3 and ident["settings"]["temperature"] == c.eval.temperature
   assert ident["settings"]["format_mode"] in ("think", "thinking") and ident["settings"]["reward"] == c.reward.name
   assert ident["data"]["files"] == [["test.parquet", os.path.getsize(tmp_path / "bench" / "geometry3k" / "test.parquet")]]
@@ -187,26 +188,89 @@ def test_stale_results_are_recomputed_and_the_report_names_the_run(tmp_path, tin
   assert res["k"] == 2 and json.load(open(os.path.join(out, "geometry3k.done.json")))["k"] == 2
   assert "k=2" in open(os.path.join(out, "results.md")).read()
 
-  # Another grader format mode: recomputed.
-  caplog.clear()
-  c2.reward.format_mode = "thinking" if ident["settings"]["format_mode"] == "think" else "think"
-  with caplog.at_level("WARNING"):
-    E.run(c2, tiny_model_dir, out)
-  assert "settings.format_mode" in caplog.text
 
-  # Another checkpoint in the same place (changed weights): the fingerprint differs, recomputed.
-  other = str(tmp_path / "other")
-  shutil.copytree(tiny_model_dir, other)
-  mtime = os.path.getmtime(os.path.join(out, "geometry3k.jsonl"))
-  caplog.clear()
-  with caplog.at_level("WARNING"):
-    E.run(c2, other, out)
-  assert "checkpoint.checkpoint" in caplog.text and "checkpoint.fingerprint" not in caplog.text   # same bytes
-  assert os.path.getmtime(os.path.join(out, "geometry3k.jsonl")) != mtime
-  # Unchanged: read back.
-  mtime = os.path.getmtime(os.path.join(out, "geometry3k.jsonl"))
-  E.run(c2, other, out)
-  assert os.path.getmtime(os.path.join(out, "geometry3k.jsonl")) == mtime
+class ScriptedSampler:
+  """Stands in for the Sampler: k fixed responses per prompt (the generation itself is tested above)."""
+
+  def __init__(self, tokenizer):
+    self.calls = 0
+    self.ids = [tokenizer.encode(t, add_special_tokens=False) for t in ("1", "2", "3", "4")]
+
+  def generate(self, params, ids, mask, pv, grid, *, n, key):
+    self.calls += 1
+    rows = [self.ids[(r + self.calls) % 4] for r in range(ids.shape[0] * n)]
+    width = max(len(r) for r in rows)
+    toks = np.asarray([r + [0] * (width - len(r)) for r in rows], np.int32)
+    mask_ = np.asarray([[1] * len(r) + [0] * (width - len(r)) for r in rows], np.int32)
+    return type("Rollout", (), dict(tokens_RxT=toks, mask_RxT=mask_))
+
+
+def test_done_records_are_reused_only_for_the_same_identity(tmp_path, tiny_model_dir, caplog):
+  """evaluate_benchmark: the same identity reads back; another k, grader, checkpoint or data file recomputes."""
+  from papo_jax.data import pipeline
+  from papo_jax.data.processor import Processor
+  write_benchmarks(str(tmp_path / "bench"))
+  data_dir, out = str(tmp_path / "bench"), str(tmp_path / "out")
+  os.makedirs(out)
+  proc = Processor.from_pretrained(tiny_model_dir, 28 * 28, 56 * 56)
+  cfg_data = pipeline.DataConfig(source="parquet", path="", min_pixels=28 * 28, max_pixels=56 * 56,
+                                 max_prompt_length=256, prompt_length_buckets=(256,), batch_size=2, num_threads=1)
+  ck = {"checkpoint": "/runs/a", "step": 120, "fingerprint": "f120"}
+  settings = {"temperature": 1.0, "top_p": 1.0, "format_mode": "think", "reward": "test_eval:fake_reward"}
+  sampler = ScriptedSampler(proc.tokenizer)
+
+  def ev(k=2, checkpoint=ck, settings=settings):
+    return E.evaluate_benchmark(E.BENCHMARKS["geometry3k"], data_dir, out, sampler=sampler, params=None,
+                                processor=proc, reward_fn=fake_reward, tokenizer=proc.tokenizer, stop_ids=(),
+                                k=k, batch_size=2, cfg_data=cfg_data,
+                                identity={"checkpoint": checkpoint, "settings": settings})
+
+  first = ev()
+  assert sampler.calls == 3 and first["questions"] == 5                # 5 questions in batches of 2
+  assert first["identity"]["checkpoint"] == ck and first["identity"]["settings"]["k"] == 2
+  assert ev() == first and sampler.calls == 3                          # same identity: read back
+
+  def recomputed(why, **kw):
+    calls = sampler.calls
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      got = ev(**kw)
+    assert sampler.calls == calls + 3, why
+    assert why in caplog.text, caplog.text
+    return got
+
+  assert recomputed("settings.k: 2 there, 3 now", k=3)["k"] == 3
+  recomputed("checkpoint.step: 120 there, 110 now", k=3, checkpoint={**ck, "step": 110, "fingerprint": "f110"})
+  recomputed("settings.format_mode: 'think' there, 'thinking' now", k=3,
+             checkpoint={**ck, "step": 110, "fingerprint": "f110"}, settings={**settings, "format_mode": "thinking"})
+  testing.write_parquet(os.path.join(data_dir, "geometry3k", "test.parquet"),
+                        [dict(problem=f"<image>Find y. ({i})", answer=str(i), images=[_img(i)]) for i in range(6)])
+  got = recomputed("data.files", k=3, checkpoint={**ck, "step": 110, "fingerprint": "f110"},
+                   settings={**settings, "format_mode": "thinking"})
+  assert got["questions"] == 6
+  # A record from before identities were stored is not trusted either.
+  done = os.path.join(out, "geometry3k.done.json")
+  old = json.load(open(done))
+  del old["identity"]
+  json.dump(old, open(done, "w"))
+  recomputed("records no checkpoint", k=3, checkpoint={**ck, "step": 110, "fingerprint": "f110"},
+             settings={**settings, "format_mode": "thinking"})
+
+
+def test_report_header_names_checkpoint_step_date_and_settings(tmp_path):
+  s = [{"benchmark": "geometry3k", "group": "general", "k": 4, "questions": 2, "skipped": {}, "avg@k": 50.0}]
+  ident = {"checkpoint": {"checkpoint": "gs://b/runs/a", "step": 120, "fingerprint": "abc"},
+           "settings": {"k": 4, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "format_mode": "think"}}
+  md = E.write_report(s, str(tmp_path), None, ident)
+  lines = md.splitlines()
+  assert lines[0] == "# Evaluation of gs://b/runs/a"
+  assert "- checkpoint: `gs://b/runs/a` step 120 (fingerprint abc)" in lines
+  assert any(l.startswith("- date: 20") and l.endswith("UTC") for l in lines)
+  assert "- settings: k=4, temperature=1.0, top_p=1.0, top_k=50, format_mode=think" in lines
+  assert "| geometry3k | general | 2 | 0 | 50.00 |" in lines
+  assert open(tmp_path / "results.md").read() == md + "\n"
+  res = json.load(open(tmp_path / "results.json"))
+  assert res["run"]["checkpoint"]["step"] == 120 and res["run"]["settings"]["top_k"] == 50
 
 
 def test_fingerprint_follows_the_bytes(tmp_path):
