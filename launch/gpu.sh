@@ -36,7 +36,7 @@ case "${CMD}" in
     on_host "tail -n ${LINES:-40} ${LOG}"
     ;;
   stop)
-    on_host "pkill -f papo_jax.train || true"
+    on_host "pkill -f '[p]apo_jax.train' || true"    # SIGTERM: the trainer checkpoints and exits
     ;;
   *)
     sed -n '2,10p' "$0"
