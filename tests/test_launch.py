@@ -312,7 +312,7 @@ def test_supervise_restarts_a_stopped_trainer_and_gives_up_after_max_restarts(tm
   # A slice that never comes back: bounded.
   again = tmp_path / "again"
   again.mkdir()
-  r, calls, trains = _supervise(again, vm_states=["FAILED"] * 20, MAX_RESTARTS="2")
+  r, calls, trains = _supervise(again, vm_states=["FAILED", "-"] * 10, MAX_RESTARTS="2")
   assert r.returncode == 1 and "giving up" in r.stderr
   assert sum("tpu-vm create" in c for c in calls) == 2                  # two recoveries, then it stops
 
