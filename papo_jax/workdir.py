@@ -207,3 +207,20 @@ class DirMirror:
         self._seen[rel] = sig
         n += 1
     return n
+
+
+DONE_FILE = "DONE"
+
+
+def mark_done(workdir: str, step: int) -> str:
+  """Writes ``<workdir>/DONE`` (the final step, JSON) once a run has completed all its steps.
+
+  ``launch/tpu.sh supervise`` stops recreating the slice once this file exists.
+  """
+  path = join(workdir, DONE_FILE)
+  write_text(path, json.dumps({"step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+  return path
+
+
+def is_done(workdir: str) -> bool:
+  return exists(join(workdir, DONE_FILE))

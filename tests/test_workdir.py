@@ -118,3 +118,10 @@ def test_tensorboard_events_reach_the_url(url, tmp_path):
     vals += [(ev.step, v.simple_value) for v in ev.summary.value if v.tag == "loss"]
     data = data[12 + n + 4:]
   assert vals == [(0, 0.0), (1, 1.0), (2, 2.0)]
+
+
+def test_done_marker(root):
+  assert not W.is_done(root)
+  path = W.mark_done(root, 202)
+  assert W.is_done(root) and path == W.join(root, "DONE")
+  assert json.loads(W.read_text(path))["step"] == 202
