@@ -77,10 +77,13 @@ def test_missing_setting_is_named(trap_path):
 
 @pytest.mark.parametrize("host", ["", "me@gpu-box"])
 def test_gpu_dry_run(trap_path, host):
-  r = _dry("gpu.sh", "train", trap_path, MODEL="/data/m", DATA="gs://b/d", WORKDIR="/data/run", HOST=host)
+  r = _dry("gpu.sh", "train", trap_path, MODEL="/data/m", DATA="gs://b/d", WORKDIR="/data/run", HOST=host,
+           WANDB_API_KEY="wandb0secret0value0123")
   assert r.returncode == 0, r.stderr
   assert "EXECUTED" not in r.stderr
+  assert "wandb0secret0value0123" not in r.stdout + r.stderr
   line = r.stdout.strip().splitlines()[-1].replace("\\", "")
+  assert "WANDB_API_KEY='****'" in line
   assert line.startswith("+ ssh me@gpu-box" if host else "+ bash -c")
   for piece in ("papo_jax.train", "--workdir=/data/run", "--config.model.path=/data/m", "--config.data.path=gs://b/d",
                 "/data/run/train.log"):
