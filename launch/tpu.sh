@@ -271,7 +271,7 @@ case "${CMD}" in
     self create && self install && self stage && self train
     ;;
   *)
-    sed -n '2,13p' "$0"
+    sed -n '2,12p' "$0"
     [[ "${CMD}" == "help" ]] || { echo "unknown command: ${CMD}" >&2; exit 2; }
     ;;
 esac
