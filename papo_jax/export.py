@@ -109,7 +109,9 @@ def model_card(c, workdir: str, step: int, eval_md: str | None) -> str:
       f"`generation_config.json` samples as the evaluation did: temperature {ce.temperature}, top_p {ce.top_p}, "
       f"top_k {ce.top_k}, at most {ce.max_new_tokens} new tokens.", ""]
   if eval_md:
-    lines += ["## Evaluation", "", eval_md.strip(), ""]
+    # The report's own headings go below this section's.
+    body = [("##" + l if l.startswith("#") else l) for l in eval_md.strip().splitlines()]
+    lines += ["## Evaluation", ""] + body + [""]
   lines += ["## Training config", "", "```json", c.to_json_best_effort(indent=2), "```", ""]
   return "\n".join(lines)
 

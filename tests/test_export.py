@@ -54,6 +54,7 @@ def test_export_writes_generation_config_and_model_card(tmp_path, monkeypatch):
   card = open(os.path.join(out, "README.md")).read()
   assert card.startswith("---\nlibrary_name: transformers")
   assert "(step 7)" in card and "| geometry3k | 41.25 |" in card and "torchvision" in card
+  assert "\n### Evaluation of run\n" in card                              # the report's heading, nested
   cfg_json = card.split("## Training config")[1].split("```json\n")[1].split("```")[0]
   assert json.loads(cfg_json)["papo"]["gamma"] == c.papo.gamma            # the whole training config, as JSON
   # No eval report: the card has no evaluation section.
