@@ -30,13 +30,14 @@ case "${CMD}" in
     ;;
   train)
     need MODEL "checkpoint directory or gs:// URL"; need DATA "dataset path or gs:// URL"
-    on_host "cd ${ROOT} && mkdir -p ${WORKDIR} && XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.92} nohup python -m papo_jax.train --config=${CONFIG} --workdir=${WORKDIR} --config.model.path=${MODEL} --config.data.path=${DATA} ${EXTRA_FLAGS} > ${LOG} 2>&1 &"
+    # WANDB_API_KEY / HF_TOKEN reach the trainer over ssh too (masked when printed).
+    on_host "cd ${ROOT} && mkdir -p ${WORKDIR} && $(forwarded_env)XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.92} nohup python -m papo_jax.train --config=${CONFIG} --workdir=${WORKDIR} --config.model.path=${MODEL} --config.data.path=${DATA} ${EXTRA_FLAGS} > ${LOG} 2>&1 &"
     ;;
   logs)
     on_host "tail -n ${LINES:-40} ${LOG}"
     ;;
   stop)
-    on_host "pkill -f papo_jax.train || true"
+    on_host "pkill -f '[p]apo_jax.train' || true"    # SIGTERM: the trainer checkpoints and exits
     ;;
   *)
     sed -n '2,10p' "$0"

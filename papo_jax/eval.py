@@ -13,14 +13,19 @@ overall mean, and with a baseline the per-benchmark relative gain and its mean
 (Delta%rel). Outputs in ``--out``: ``results.md`` (also printed), ``results.csv``,
 ``results.json`` and one ``<benchmark>.jsonl`` with every question's k responses and
 scores. A benchmark whose ``<benchmark>.done.json`` exists is read back, not redone,
-so an interrupted evaluation resumes where it stopped.
+so an interrupted evaluation resumes where it stopped -- but only when that record was
+made by the same checkpoint (path, step and a fingerprint of its files), the same k,
+sampling settings, grader and benchmark files; otherwise the benchmark is recomputed and
+the log says what differed. Every benchmark's files are found before anything is generated.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime
 import glob
+import hashlib
 import json
 import os
 import re
@@ -127,6 +132,106 @@ def benchmark_files(data_dir: str, bench: Benchmark) -> tuple[str, list[str]]:
   return kinds.pop(), files
 
 
+def check_benchmark_files(data_dir: str, benches: list[Benchmark]) -> dict[str, tuple[str, list[str]]]:
+  """benchmark_files for every benchmark; one error naming all that are missing or unreadable."""
+  found, problems = {}, []
+  for b in benches:
+    try:
+      found[b.name] = benchmark_files(data_dir, b)
+    except (FileNotFoundError, ValueError) as e:
+      problems.append(str(e))
+  if problems:
+    raise FileNotFoundError(f"{len(problems)} of {len(benches)} benchmarks cannot be read, nothing was run:\n  "
+                            + "\n  ".join(problems))
+  return found
+
+
+# ============================================================================================
+# What a result depends on (the done-record's identity)
+# ============================================================================================
+
+_CHUNK = 1 << 20
+
+
+def fingerprint_files(root: str) -> str:
+  """A cheap content fingerprint of every file under ``root`` (a local path or an fsspec URL).
+
+  Small files are hashed whole; larger ones by their size and three 1 MiB windows (start,
+  middle, end), so two fine-tunes of one architecture (equal sizes) still differ.
+  """
+  import fsspec
+  fs, base = fsspec.core.url_to_fs(root)
+  files = sorted(fs.find(base)) if fs.isdir(base) else [base]
+  h = hashlib.sha1()
+  for path in files:
+    rel = os.path.relpath(path, base) if path != base else os.path.basename(path)
+    size = fs.size(path)
+    h.update(f"{rel}\0{size}\0".encode())
+    with fs.open(path, "rb") as f:
+      if size <= 4 * _CHUNK:
+        h.update(f.read())
+      else:
+        for start in (0, size // 2, size - _CHUNK):
+          f.seek(start)
+          h.update(f.read(_CHUNK))
+  return h.hexdigest()[:20]
+
+
+def checkpoint_identity(checkpoint: str, step: int | None = None) -> dict:
+  """{checkpoint, step, fingerprint} of what ``load_policy`` will load.
+
+  A training workdir: the orbax step (``step`` or the latest) and a fingerprint of that
+  step's directory. A Hugging Face directory: step None and a fingerprint of the directory.
+  """
+  from papo_jax.data.remote import is_remote, localize
+  local = localize(checkpoint)
+  name = checkpoint if is_remote(checkpoint) else os.path.abspath(checkpoint)
+  if not os.path.isdir(os.path.join(local, "checkpoints")):
+    return {"checkpoint": name, "step": None, "fingerprint": fingerprint_files(local)}
+  import orbax.checkpoint as ocp
+  with open(os.path.join(local, "config.json")) as f:
+    ckpt_dir = (json.load(f).get("checkpoint") or {}).get("dir") or os.path.join(local, "checkpoints")
+  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True))
+  steps = list(mngr.all_steps())
+  step = mngr.latest_step() if step is None else int(step)
+  if step is None or step not in steps:
+    raise FileNotFoundError(f"{ckpt_dir}: no checkpoint at step {step} (steps there: {sorted(steps)})")
+  step_dir = str(mngr.directory / str(step)) if (mngr.directory / str(step)).exists() else None
+  if step_dir is None:                      # a step name format other than the default "<step>"
+    step_dir = next(str(p) for p in mngr.directory.iterdir() if p.name.endswith(str(step)))
+  return {"checkpoint": name, "step": step, "fingerprint": fingerprint_files(step_dir)}
+
+
+def eval_settings(c, format_mode: str) -> dict:
+  """Everything besides the checkpoint and the data that a benchmark's scores depend on."""
+  ce = c.eval
+  return {"k": int(ce.k), "temperature": float(ce.temperature), "top_p": float(ce.top_p), "top_k": int(ce.top_k),
+          "max_new_tokens": int(ce.max_new_tokens), "min_pixels": int(ce.min_pixels),
+          "max_pixels": int(ce.max_pixels), "max_prompt_length": int(c.data.max_prompt_length),
+          "batch_size": int(ce.batch_size), "seed": int(ce.seed), "dtype": str(c.model.dtype),
+          "cache_dtype": str(c.rollout.cache_dtype), "reward": str(c.reward.name), "format_mode": format_mode}
+
+
+def data_identity(bench: Benchmark, files: list[str]) -> dict:
+  """The benchmark's definition and its files (names and sizes)."""
+  return {**dataclasses.asdict(bench), "files": [[os.path.basename(f), os.path.getsize(f)] for f in files]}
+
+
+def record_mismatch(expected: dict, found: dict | None) -> list[str]:
+  """Human-readable differences between the expected identity and a done-record's ('' = reusable)."""
+  if not found:
+    return ["it records no checkpoint, settings or data (written by an older version)"]
+  out = []
+  for part in sorted(set(expected) | set(found)):
+    e, f = expected.get(part), found.get(part)
+    if isinstance(e, dict) and isinstance(f, dict):
+      out += [f"{part}.{k}: {f.get(k)!r} there, {e.get(k)!r} now" for k in sorted(set(e) | set(f))
+              if e.get(k) != f.get(k)]
+    elif e != f:
+      out.append(f"{part}: {f!r} there, {e!r} now")
+  return out
+
+
 # ============================================================================================
 # Scores (pure functions)
 # ============================================================================================
@@ -194,16 +299,31 @@ def _batches(source, ids, processor, cfg_data, batch_size: int):
 
 
 def evaluate_benchmark(bench: Benchmark, data_dir: str, out_dir: str, *, sampler, params, processor, reward_fn,
-                       tokenizer, stop_ids, k: int, batch_size: int, cfg_data, seed: int = 0) -> dict:
-  """Runs one benchmark (or reads back its finished result); returns its summary dict."""
+                       tokenizer, stop_ids, k: int, batch_size: int, cfg_data, seed: int = 0,
+                       identity: dict | None = None) -> dict:
+  """Runs one benchmark (or reads back its finished result); returns its summary dict.
+
+  ``identity``: {"checkpoint": ..., "settings": ...} of this evaluation (``run`` passes
+  checkpoint_identity and eval_settings); the benchmark's data, k, batch size and seed are
+  added here. A done-record is read back only when its identity equals this one.
+  """
   from papo_jax.data import pipeline, sources
   done_path = os.path.join(out_dir, f"{bench.name}.done.json")
+  kind, files = benchmark_files(data_dir, bench)
+  identity = dict(identity or {})
+  identity["settings"] = {**identity.get("settings", {}), "k": int(k), "batch_size": int(batch_size),
+                          "seed": int(seed)}
+  identity["data"] = data_identity(bench, files)
   if os.path.exists(done_path):
     with open(done_path) as f:
       summary = json.load(f)
-    logging.info("%s: finished earlier (avg@%d %.2f), read back", bench.name, summary["k"], summary["avg@k"])
-    return summary
-  kind, files = benchmark_files(data_dir, bench)
+    diff = record_mismatch(identity, summary.get("identity"))
+    if not diff:
+      logging.info("%s: finished earlier (avg@%d %.2f), read back", bench.name, summary["k"], summary["avg@k"])
+      return summary
+    logging.warning("%s: the finished result in %s is not reused, recomputing: %s", bench.name, done_path,
+                    "; ".join(diff))
+    os.remove(done_path)
   fields = sources.Fields(problem=bench.problem, answer=bench.answer, images=bench.images, kind="")
   src = sources.make_source(kind, files[0] if len(files) == 1 else os.path.dirname(files[0]), fields)
   kept, dropped = pipeline.prefilter(src, processor, cfg_data.max_prompt_length, max(1, cfg_data.num_threads))
@@ -235,7 +355,8 @@ def evaluate_benchmark(bench: Benchmark, data_dir: str, out_dir: str, *, sampler
       bar.update(real)
   scores_QxK = np.concatenate(scores) if scores else np.zeros((0, k))
   summary = {"benchmark": bench.name, "group": bench.group, "k": k, "questions": int(len(scores_QxK)),
-             "avg@k": avg_at_k(scores_QxK), "skipped": skipped, "seconds": time.perf_counter() - t0}
+             "avg@k": avg_at_k(scores_QxK), "skipped": skipped, "seconds": time.perf_counter() - t0,
+             "identity": identity}
   if skipped:
     logging.warning("%s: skipped %s", bench.name, skipped)
   with open(done_path, "w") as f:
@@ -247,8 +368,23 @@ def evaluate_benchmark(bench: Benchmark, data_dir: str, out_dir: str, *, sampler
 # Report
 # ============================================================================================
 
-def write_report(summaries: list[dict], out_dir: str, baseline: dict[str, float] | None = None) -> str:
-  """results.md / .csv / .json in ``out_dir``; returns the Markdown table."""
+def report_header(identity: dict, date: str | None = None) -> list[str]:
+  """The lines above the table: checkpoint, step, fingerprint, date and the settings."""
+  ck, st = identity.get("checkpoint", {}), identity.get("settings", {})
+  date = date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  step = "-" if ck.get("step") is None else str(ck["step"])
+  return [f"# Evaluation of {ck.get('checkpoint', '?')}", "",
+          f"- checkpoint: `{ck.get('checkpoint', '?')}` step {step} (fingerprint {ck.get('fingerprint', '?')})",
+          f"- date: {date}",
+          "- settings: " + ", ".join(f"{k}={v}" for k, v in st.items()), ""]
+
+
+def write_report(summaries: list[dict], out_dir: str, baseline: dict[str, float] | None = None,
+                 identity: dict | None = None) -> str:
+  """results.md / .csv / .json in ``out_dir``; returns the Markdown report (header + table).
+
+  ``identity``: {"checkpoint": checkpoint_identity, "settings": eval_settings} for the header.
+  """
   per = {s["benchmark"]: s["avg@k"] for s in summaries}
   groups = {s["benchmark"]: s["group"] for s in summaries}
   agg = summarize(per, groups, baseline)
@@ -271,7 +407,9 @@ def write_report(summaries: list[dict], out_dir: str, baseline: dict[str, float]
     rows.append({"benchmark": f"mean/{g}", "group": "", "questions": "", "skipped": "", "avg@k": v})
   if baseline:
     lines.append(f"\nDelta%rel (mean of per-benchmark relative gains): {agg['delta_rel']:+.2f}%")
-  table = "\n".join(lines)
+  date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  header = report_header(identity, date) if identity else []
+  table = "\n".join(header + lines)
   with open(os.path.join(out_dir, "results.md"), "w") as f:
     f.write(table + "\n")
   with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
@@ -279,7 +417,8 @@ def write_report(summaries: list[dict], out_dir: str, baseline: dict[str, float]
     w.writeheader()
     w.writerows(rows)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump({"k": k, "benchmarks": per, "summaries": summaries, **{k_: v for k_, v in agg.items()}}, f, indent=1)
+    json.dump({"k": k, "benchmarks": per, "summaries": summaries, **{k_: v for k_, v in agg.items()},
+               **({"run": {**identity, "date": date}} if identity else {})}, f, indent=1)
   return table
 
 
@@ -319,6 +458,12 @@ def load_policy(checkpoint: str, c, step: int | None = None):
   return graphdef, params, model.config, checkpoint
 
 
+def resolved_format_mode(c, processor) -> str:
+  """reward.format_mode with ``auto`` resolved from the chat template, as training resolves it."""
+  from papo_jax.train import format_mode
+  return format_mode(c, processor)
+
+
 def run(c: ml_collections.ConfigDict, checkpoint: str, out_dir: str, *, step: int | None = None,
         baseline_path: str | None = None) -> dict:
   """Evaluates every configured benchmark; returns results.json's content."""
@@ -334,9 +479,12 @@ def run(c: ml_collections.ConfigDict, checkpoint: str, out_dir: str, *, step: in
   unknown = [n for n in names if n not in table]
   if unknown:
     raise ValueError(f"config field eval.benchmarks: unknown {unknown}; known: {sorted(table)}")
+  check_benchmark_files(ce.data_dir, [table[n] for n in names])       # fail before any model is loaded
   os.makedirs(out_dir, exist_ok=True)
-  graphdef, params, mcfg, model_dir = load_policy(checkpoint, c, step)
+  ckpt_id = checkpoint_identity(checkpoint, step)
+  graphdef, params, mcfg, model_dir = load_policy(checkpoint, c, ckpt_id["step"])
   processor = Processor.from_pretrained(model_dir, ce.min_pixels, ce.max_pixels)
+  identity = {"checkpoint": ckpt_id, "settings": eval_settings(c, resolved_format_mode(c, processor))}
   stop_ids = tuple(int(t) for t in np.atleast_1d(mcfg.eos_token_id))
   sampler = Sampler(graphdef, SamplingConfig(
       max_new_tokens=ce.max_new_tokens, temperature=ce.temperature, top_p=ce.top_p, top_k=ce.top_k,
@@ -352,12 +500,12 @@ def run(c: ml_collections.ConfigDict, checkpoint: str, out_dir: str, *, step: in
       summaries.append(evaluate_benchmark(
           table[name], ce.data_dir, out_dir, sampler=sampler, params=params, processor=processor,
           reward_fn=reward_fn, tokenizer=processor.tokenizer, stop_ids=stop_ids, k=ce.k, batch_size=ce.batch_size,
-          cfg_data=cfg_data, seed=ce.seed))
+          cfg_data=cfg_data, seed=ce.seed, identity=identity))
   finally:
     if hasattr(reward_fn, "close"):
       reward_fn.close()
   baseline = read_baseline(baseline_path) if baseline_path else None
-  md = write_report(summaries, out_dir, baseline)
+  md = write_report(summaries, out_dir, baseline, identity)
   print(md)
   with open(os.path.join(out_dir, "results.json")) as f:
     return json.load(f)

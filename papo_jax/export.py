@@ -5,7 +5,12 @@
 Writes safetensors + config.json (official key layout) and copies the tokenizer,
 chat-template and preprocessor files of the run's base checkpoint, so that
 ``transformers.AutoModelForImageTextToText.from_pretrained(out)`` and our own
-``papo_jax.models.from_pretrained(out)`` both load it.
+``papo_jax.models.from_pretrained(out)`` both load it (transformers' ``AutoProcessor``
+for these models also needs ``torchvision``). ``generation_config.json`` carries the
+evaluation's sampling settings (``eval.temperature``, ``top_p``, ``top_k``,
+``max_new_tokens``) and the stop/pad ids, so ``model.generate`` samples as the
+evaluation did; ``README.md`` is a model card with the training config and, when the
+run was evaluated (``<workdir>/eval/results.md`` or ``--eval_report``), its results.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+
+import numpy as np
 
 import jax
 import ml_collections
@@ -28,11 +35,12 @@ def define_flags():
   flags.DEFINE_string("out", None, "Output directory for the Hugging Face model.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_string("dtype", None, "Tensor dtype to write (default: the trained parameters' dtype).")
+  flags.DEFINE_string("eval_report", None, "results.md for the model card (default: <workdir>/eval/results.md).")
   flags.mark_flags_as_required(["workdir", "out"])
 
 _AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "chat_template.jinja",
               "preprocessor_config.json", "processor_config.json", "special_tokens_map.json", "vocab.json",
-              "merges.txt", "generation_config.json", "added_tokens.json")
+              "merges.txt", "added_tokens.json")
 
 
 def base_model_path(c, workdir: str) -> str:
@@ -63,20 +71,79 @@ def load_trained_model(workdir: str, step: int | None = None):
   return nnx.merge(graphdef, restored.state.params), c, path, step
 
 
-def export(workdir: str, out: str, step: int | None = None, dtype: str | None = None) -> str:
+def generation_config(c_eval, eos_token_id, pad_token_id, base: dict | None = None) -> dict:
+  """generation_config.json: the base checkpoint's, with the evaluation's sampling settings on top."""
+  out = dict(base or {})
+  out.pop("transformers_version", None)
+  out.update(do_sample=True, temperature=float(c_eval.temperature), top_p=float(c_eval.top_p),
+             top_k=int(c_eval.top_k), max_new_tokens=int(c_eval.max_new_tokens))
+  if eos_token_id is not None:
+    eos = [int(t) for t in np.atleast_1d(eos_token_id)]
+    out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    if pad_token_id is None:          # transformers pads with the first stop token when none is set
+      pad_token_id = eos[0]
+  if pad_token_id is not None:
+    out["pad_token_id"] = int(pad_token_id)
+  return out
+
+
+def model_card(c, workdir: str, step: int, eval_md: str | None) -> str:
+  """README.md: what was trained from what, how to load it, the training config and the evaluation."""
+  base = c.model.path if c.model.init == "pretrained" else "a tiny random model (model.init=tiny_random)"
+  algo = f"{c.algo.name}, gamma {c.papo.gamma}" if "algo" in c and "papo" in c else ""
+  hub_base = base[len("hf://"):].split("@")[0] if str(base).startswith("hf://") else None
+  front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text",
+           "tags: [papo, grpo, reinforcement-learning, multimodal-reasoning]"]
+  if hub_base:
+    front.append(f"base_model: {hub_base}")
+  front.append("---")
+  ce = c.eval
+  lines = front + [
+      "", f"# {os.path.basename(os.path.normpath(workdir))} (step {step})", "",
+      f"Trained with papo_jax (PAPO: Perception-Aware Policy Optimization{', ' + algo if algo else ''}) "
+      f"from `{base}`; checkpoint step {step} of `{workdir}`.", "",
+      "## Use", "", "```python",
+      "from transformers import AutoModelForImageTextToText, AutoProcessor   # AutoProcessor needs torchvision",
+      "model = AutoModelForImageTextToText.from_pretrained(PATH)",
+      "processor = AutoProcessor.from_pretrained(PATH)", "```", "",
+      f"`generation_config.json` samples as the evaluation did: temperature {ce.temperature}, top_p {ce.top_p}, "
+      f"top_k {ce.top_k}, at most {ce.max_new_tokens} new tokens.", ""]
+  if eval_md:
+    # The report's own headings go below this section's.
+    body = [("##" + l if l.startswith("#") else l) for l in eval_md.strip().splitlines()]
+    lines += ["## Evaluation", ""] + body + [""]
+  lines += ["## Training config", "", "```json", c.to_json_best_effort(indent=2), "```", ""]
+  return "\n".join(lines)
+
+
+def export(workdir: str, out: str, step: int | None = None, dtype: str | None = None,
+           eval_report: str | None = None) -> str:
   from papo_jax import models
-  model, _, path, step = load_trained_model(workdir, step)
+  model, c, path, step = load_trained_model(workdir, step)
   models.save_pretrained(model, out, dtype=dtype)
   for fn in _AUX_FILES:
     if os.path.exists(os.path.join(path, fn)):
       shutil.copy(os.path.join(path, fn), os.path.join(out, fn))
+  base = {}
+  if os.path.exists(os.path.join(path, "generation_config.json")):
+    with open(os.path.join(path, "generation_config.json")) as f:
+      base = json.load(f)
+  with open(os.path.join(out, "generation_config.json"), "w") as f:
+    json.dump(generation_config(c.eval, model.config.eos_token_id, model.config.pad_token_id, base), f, indent=2)
+  eval_report = eval_report or os.path.join(workdir, "eval", "results.md")
+  eval_md = None
+  if os.path.exists(eval_report):
+    with open(eval_report) as f:
+      eval_md = f.read()
+  with open(os.path.join(out, "README.md"), "w") as f:
+    f.write(model_card(c, workdir, step, eval_md))
   logging.info("exported step %d of %s to %s", step, workdir, out)
   return out
 
 
 def main(argv):
   del argv
-  export(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.dtype)
+  export(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.dtype, FLAGS.eval_report)
 
 
 if __name__ == "__main__":

@@ -152,3 +152,174 @@ def test_config_errors_name_the_field(tmp_path, tiny_model_dir):
   c.eval.data_dir = ""
   with pytest.raises(ValueError, match="eval.data_dir"):
     E.run(c, tiny_model_dir, str(tmp_path / "o"))
+
+
+def _rows(out, name):
+  return [json.loads(line) for line in open(os.path.join(out, f"{name}.jsonl"))]
+
+
+@pytest.mark.slow
+def test_stale_results_are_recomputed_and_the_report_names_the_run(tmp_path, tiny_model_dir, caplog):
+  """End to end through run(): the done-record's identity, a k change recomputes, the report header."""
+  write_benchmarks(str(tmp_path / "bench"))
+  out = str(tmp_path / "out")
+  c = tiny_eval_config(tmp_path, benchmarks=("geometry3k",))
+  E.run(c, tiny_model_dir, out)
+  done = json.load(open(os.path.join(out, "geometry3k.done.json")))
+  ident = done["identity"]
+  assert ident["checkpoint"]["checkpoint"] == os.path.abspath(tiny_model_dir) and ident["checkpoint"]["step"] is None
+  assert ident["checkpoint"]["fingerprint"] == E.fingerprint_files(tiny_model_dir)
+  assert ident["settings"]["k"] == 3 and ident["settings"]["temperature"] == c.eval.temperature
+  assert ident["settings"]["format_mode"] in ("think", "thinking") and ident["settings"]["reward"] == c.reward.name
+  assert ident["data"]["files"] == [["test.parquet", os.path.getsize(tmp_path / "bench" / "geometry3k" / "test.parquet")]]
+  md = open(os.path.join(out, "results.md")).read()
+  assert f"# Evaluation of {os.path.abspath(tiny_model_dir)}" in md
+  assert "step -" in md and "- date: 20" in md and "k=3" in md and "temperature=1.0" in md and "top_k=" in md
+  run_info = json.load(open(os.path.join(out, "results.json")))["run"]
+  assert run_info["checkpoint"] == ident["checkpoint"] and run_info["date"].startswith("20")
+
+  # k=2: recomputed with 2 samples per question, and the log names the difference.
+  c2 = tiny_eval_config(tmp_path, benchmarks=("geometry3k",))
+  c2.eval.k = 2
+  with caplog.at_level("WARNING"):
+    res = E.run(c2, tiny_model_dir, out)
+  assert "settings.k: 3 there, 2 now" in caplog.text
+  assert all(len(r["accuracy"]) == 2 for r in _rows(out, "geometry3k"))
+  assert res["k"] == 2 and json.load(open(os.path.join(out, "geometry3k.done.json")))["k"] == 2
+  assert "k=2" in open(os.path.join(out, "results.md")).read()
+
+
+class ScriptedSampler:
+  """Stands in for the Sampler: k fixed responses per prompt (the generation itself is tested above)."""
+
+  def __init__(self, tokenizer):
+    self.calls = 0
+    self.ids = [tokenizer.encode(t, add_special_tokens=False) for t in ("1", "2", "3", "4")]
+
+  def generate(self, params, ids, mask, pv, grid, *, n, key):
+    self.calls += 1
+    rows = [self.ids[(r + self.calls) % 4] for r in range(ids.shape[0] * n)]
+    width = max(len(r) for r in rows)
+    toks = np.asarray([r + [0] * (width - len(r)) for r in rows], np.int32)
+    mask_ = np.asarray([[1] * len(r) + [0] * (width - len(r)) for r in rows], np.int32)
+    return type("Rollout", (), dict(tokens_RxT=toks, mask_RxT=mask_))
+
+
+def test_done_records_are_reused_only_for_the_same_identity(tmp_path, tiny_model_dir, caplog):
+  """evaluate_benchmark: the same identity reads back; another k, grader, checkpoint or data file recomputes."""
+  from papo_jax.data import pipeline
+  from papo_jax.data.processor import Processor
+  write_benchmarks(str(tmp_path / "bench"))
+  data_dir, out = str(tmp_path / "bench"), str(tmp_path / "out")
+  os.makedirs(out)
+  proc = Processor.from_pretrained(tiny_model_dir, 28 * 28, 56 * 56)
+  cfg_data = pipeline.DataConfig(source="parquet", path="", min_pixels=28 * 28, max_pixels=56 * 56,
+                                 max_prompt_length=256, prompt_length_buckets=(256,), batch_size=2, num_threads=1)
+  ck = {"checkpoint": "/runs/a", "step": 120, "fingerprint": "f120"}
+  settings = {"temperature": 1.0, "top_p": 1.0, "format_mode": "think", "reward": "test_eval:fake_reward"}
+  sampler = ScriptedSampler(proc.tokenizer)
+
+  def ev(k=2, checkpoint=ck, settings=settings):
+    return E.evaluate_benchmark(E.BENCHMARKS["geometry3k"], data_dir, out, sampler=sampler, params=None,
+                                processor=proc, reward_fn=fake_reward, tokenizer=proc.tokenizer, stop_ids=(),
+                                k=k, batch_size=2, cfg_data=cfg_data,
+                                identity={"checkpoint": checkpoint, "settings": settings})
+
+  first = ev()
+  assert sampler.calls == 3 and first["questions"] == 5                # 5 questions in batches of 2
+  assert first["identity"]["checkpoint"] == ck and first["identity"]["settings"]["k"] == 2
+  assert ev() == first and sampler.calls == 3                          # same identity: read back
+
+  def recomputed(why, **kw):
+    calls = sampler.calls
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      got = ev(**kw)
+    assert sampler.calls == calls + 3, why
+    assert why in caplog.text, caplog.text
+    return got
+
+  assert recomputed("settings.k: 2 there, 3 now", k=3)["k"] == 3
+  recomputed("checkpoint.step: 120 there, 110 now", k=3, checkpoint={**ck, "step": 110, "fingerprint": "f110"})
+  recomputed("settings.format_mode: 'think' there, 'thinking' now", k=3,
+             checkpoint={**ck, "step": 110, "fingerprint": "f110"}, settings={**settings, "format_mode": "thinking"})
+  testing.write_parquet(os.path.join(data_dir, "geometry3k", "test.parquet"),
+                        [dict(problem=f"<image>Find y. ({i})", answer=str(i), images=[_img(i)]) for i in range(6)])
+  got = recomputed("data.files", k=3, checkpoint={**ck, "step": 110, "fingerprint": "f110"},
+                   settings={**settings, "format_mode": "thinking"})
+  assert got["questions"] == 6
+  # A record from before identities were stored is not trusted either.
+  done = os.path.join(out, "geometry3k.done.json")
+  old = json.load(open(done))
+  del old["identity"]
+  json.dump(old, open(done, "w"))
+  recomputed("records no checkpoint", k=3, checkpoint={**ck, "step": 110, "fingerprint": "f110"},
+             settings={**settings, "format_mode": "thinking"})
+
+
+def test_report_header_names_checkpoint_step_date_and_settings(tmp_path):
+  s = [{"benchmark": "geometry3k", "group": "general", "k": 4, "questions": 2, "skipped": {}, "avg@k": 50.0}]
+  ident = {"checkpoint": {"checkpoint": "gs://b/runs/a", "step": 120, "fingerprint": "abc"},
+           "settings": {"k": 4, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "format_mode": "think"}}
+  md = E.write_report(s, str(tmp_path), None, ident)
+  lines = md.splitlines()
+  assert lines[0] == "# Evaluation of gs://b/runs/a"
+  assert "- checkpoint: `gs://b/runs/a` step 120 (fingerprint abc)" in lines
+  assert any(l.startswith("- date: 20") and l.endswith("UTC") for l in lines)
+  assert "- settings: k=4, temperature=1.0, top_p=1.0, top_k=50, format_mode=think" in lines
+  assert "| geometry3k | general | 2 | 0 | 50.00 |" in lines
+  assert open(tmp_path / "results.md").read() == md + "\n"
+  res = json.load(open(tmp_path / "results.json"))
+  assert res["run"]["checkpoint"]["step"] == 120 and res["run"]["settings"]["top_k"] == 50
+
+
+def test_fingerprint_follows_the_bytes(tmp_path):
+  d = tmp_path / "m"
+  d.mkdir()
+  (d / "config.json").write_text("{}")
+  big = np.random.default_rng(0).integers(0, 255, 9 << 20, dtype=np.uint8)
+  (d / "model.safetensors").write_bytes(big.tobytes())
+  a = E.fingerprint_files(str(d))
+  assert E.fingerprint_files(str(d)) == a
+  big[len(big) // 2 + 10] ^= 1                        # one byte in the middle window: equal size, new weights
+  (d / "model.safetensors").write_bytes(big.tobytes())
+  b = E.fingerprint_files(str(d))
+  assert b != a
+  (d / "config.json").write_text('{"x": 1}')
+  assert E.fingerprint_files(str(d)) != b
+
+
+def test_workdir_identity_names_the_step(tmp_path):
+  """A training workdir: the latest orbax step by default, or the asked one; each step its own fingerprint."""
+  import orbax.checkpoint as ocp
+  wd = tmp_path / "run"
+  (wd / "checkpoints").mkdir(parents=True)
+  (wd / "config.json").write_text(json.dumps({"checkpoint": {"dir": ""}}))
+  with ocp.CheckpointManager(str(wd / "checkpoints")) as mngr:
+    for step in (110, 120):
+      mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": np.full(4, step, np.float32)})))
+    mngr.wait_until_finished()
+  latest = E.checkpoint_identity(str(wd))
+  assert latest["step"] == 120 and latest["checkpoint"] == str(wd)
+  at110 = E.checkpoint_identity(str(wd), 110)
+  assert at110["step"] == 110 and at110["fingerprint"] != latest["fingerprint"]
+  assert E.record_mismatch({"checkpoint": latest}, {"checkpoint": at110}) == [
+      f"checkpoint.fingerprint: {at110['fingerprint']!r} there, {latest['fingerprint']!r} now",
+      "checkpoint.step: 110 there, 120 now"]
+  with pytest.raises(FileNotFoundError, match="no checkpoint at step 115"):
+    E.checkpoint_identity(str(wd), 115)
+
+
+def test_missing_benchmarks_fail_before_any_generation(tmp_path, monkeypatch):
+  write_benchmarks(str(tmp_path / "bench"))
+  c = tiny_eval_config(tmp_path, benchmarks=("geometry3k", "wemath", "mathvista", "superclevr"))
+  def no_model(*a, **k):
+    raise AssertionError("the model was loaded before the benchmark files were checked")
+  monkeypatch.setattr(E, "load_policy", no_model)
+  monkeypatch.setattr(E, "checkpoint_identity", no_model)
+  out = tmp_path / "o"
+  with pytest.raises(FileNotFoundError) as e:
+    E.run(c, "/nonexistent/model", str(out))
+  msg = str(e.value)
+  assert "2 of 4" in msg and "benchmark wemath" in msg and "benchmark superclevr" in msg and "geometry3k" not in msg
+  assert not out.exists()

@@ -4,6 +4,11 @@ The model loader memory-maps safetensors and the sources read files and relative
 paths, so a remote directory or file is copied once into a local cache and the local
 path is used from then on. fsspec does the transfer (``gcsfs`` for ``gs://``: the
 ``gcs`` extra); orbax checkpoint directories take ``gs://`` natively.
+
+``hf://ORG/NAME`` (optionally ``hf://ORG/NAME@REVISION``) is a Hugging Face Hub model:
+``huggingface_hub.snapshot_download`` puts it in the Hugging Face cache (``HF_HOME``),
+once per host, and later calls find it there. ``HF_TOKEN`` in the environment reaches
+gated or private repositories.
 """
 
 from __future__ import annotations
@@ -20,6 +25,28 @@ def is_remote(path: str) -> bool:
   return "://" in str(path) and not str(path).startswith("file://")
 
 
+HF_PREFIX = "hf://"
+
+
+def parse_hf_url(url: str) -> tuple[str, str | None]:
+  """``hf://ORG/NAME[@REVISION]`` -> (repo id, revision or None)."""
+  spec = url[len(HF_PREFIX):].strip("/")
+  repo, _, revision = spec.partition("@")
+  if repo.count("/") != 1 or not all(repo.split("/")):
+    raise ValueError(f"{url!r}: a Hugging Face model is hf://ORG/NAME or hf://ORG/NAME@REVISION")
+  return repo, revision or None
+
+
+def _hf_snapshot(url: str) -> str:
+  """The local snapshot directory of a Hub model, downloaded into the Hugging Face cache if needed."""
+  from huggingface_hub import snapshot_download
+  repo, revision = parse_hf_url(url)
+  logging.info("fetching %s (revision %s) through the Hugging Face cache", repo, revision or "main")
+  # The cache is keyed by repo + revision and files are locked while downloading, so several
+  # processes on one host share one copy; a finished snapshot is not downloaded again.
+  return snapshot_download(repo, revision=revision)
+
+
 def localize(path: str, cache_dir: str | None = None) -> str:
   """A local path with the contents of ``path`` (a file or a directory); local paths pass through.
 
@@ -27,6 +54,8 @@ def localize(path: str, cache_dir: str | None = None) -> str:
   completed copy is already there.
   """
   path = str(path)
+  if path.startswith(HF_PREFIX):
+    return _hf_snapshot(path)
   if path.startswith("file://"):
     return path[len("file://"):]
   if not is_remote(path):
