@@ -358,11 +358,11 @@ class ContinuousEngine:
     page = ec.page_size
     max_pages_seq = -(-(lp + t_max) // page)
     max_pages_prompt = -(-lp // page)
-    need = max_pages_seq + ec.prefill_lanes * max_pages_prompt
+    need = max_pages_seq + max_pages_prompt
     if ec.num_pages < need:
       raise ValueError(f"EngineConfig.num_pages={ec.num_pages} is too small: one prompt of {lp} tokens with "
-                       f"max_new_tokens={t_max} needs {max_pages_seq} pages of {page} plus {max_pages_prompt} per "
-                       f"prefill lane ({need} in all)")
+                       f"max_new_tokens={t_max} needs {max_pages_seq} pages of {page} as headroom plus "
+                       f"{max_pages_prompt} for a prompt ({need} in all)")
 
     buf, deltas_B = self._encode(state, jnp.asarray(ids_np), jnp.asarray(mask_np),
                                  None if pixel_values_NxP is None else jnp.asarray(pixel_values_NxP),
@@ -419,9 +419,12 @@ class ContinuousEngine:
         if lane_prompt[lane] >= 0 or not waiting or len(ready) + in_flight >= s_n:
           continue
         b = waiting[0]
-        pages = alloc.alloc(-(-int(prompt_len_B[b]) // page))
-        if pages is None:
+        count = -(-int(prompt_len_B[b]) // page)
+        # Prompt pages stay below num_pages - max_pages_seq, so the oldest running sample can
+        # always finish by preempting the others (no deadlock on held prompt pages).
+        if alloc.num_free - count < max_pages_seq:
           break
+        pages = alloc.alloc(count)
         waiting.popleft()
         prompt_pages[b], prompt_refs[b] = pages, n
         lane_prompt[lane], lane_done[lane] = b, 0
@@ -438,7 +441,7 @@ class ContinuousEngine:
           mine = alloc.alloc(1)
           if mine is None:
             break
-          copies.append((prompt_pages[b][full], mine[0]))
+          copies.append((prompt_pages[b][full], mine[0], r))
         ready.popleft()
         shared_pages[r] = prompt_pages[b][:full]
         alloc.share(shared_pages[r])
@@ -462,6 +465,8 @@ class ContinuousEngine:
           preempt(victim)
           preemptions += 1
       active = slot_seq >= 0
+      # a sample preempted right after admission needs no copy (its page may be someone else's now)
+      copies = [(a, d) for a, d, r in copies if r in own_pages and own_pages[r][:1] == [d]]
       if not active.any() and not (lane_prompt >= 0).any():
         raise RuntimeError(f"ContinuousEngine: no progress possible with {np_} pages ({alloc.num_free} free, "
                            f"{len(ready)} samples ready, {len(waiting)} prompts waiting); raise "
