@@ -14,7 +14,8 @@ How it runs:
   prompt embeddings, their 3-D RoPE positions and rope deltas stay on device.
 * **step** (one jitted program, static shapes): ``num_slots`` decode lanes (one token per
   running sample) and ``prefill_lanes`` lanes of ``prefill_chunk`` prompt tokens are run
-  as one flat token batch through the decoder. Each layer writes its new keys/values into
+  as one flat token batch through the decoder (a second, decode-only compilation runs the
+  steps where no prompt is being prefilled). Each layer writes its new keys/values into
   the paged cache ``[layers, kv_heads, num_pages, page_size, head_dim]`` in place (donated
   buffer, one scatter per layer; nothing is re-stacked) and attends over each lane's pages.
   Decode lanes sample their next token; a prefill lane that finishes its prompt samples the
@@ -304,9 +305,12 @@ class ContinuousEngine:
       k_pages = k_pages.at[i, :, write_page_T, write_off_T].set(k.astype(k_pages.dtype), mode="drop")
       v_pages = v_pages.at[i, :, write_page_T, write_off_T].set(v[0].astype(v_pages.dtype), mode="drop")
       out_dec = paged_attention_xla(q[:s, None], k_pages[i], v_pages[i], inp.dec_pages_SxM, dec_q_kv_Sx1, scale=scale)
-      out_pre = paged_attention_xla(q[s:].reshape(p, c, h, hd), k_pages[i], v_pages[i], inp.pre_pages_PxMp,
-                                    pre_q_kv_PxC, scale=scale)
-      out = jnp.concatenate([out_dec.reshape(s, h * hd), out_pre.reshape(p * c, h * hd)])[None]
+      out = out_dec.reshape(s, h * hd)
+      if p:
+        out_pre = paged_attention_xla(q[s:].reshape(p, c, h, hd), k_pages[i], v_pages[i], inp.pre_pages_PxMp,
+                                      pre_q_kv_PxC, scale=scale)
+        out = jnp.concatenate([out, out_pre.reshape(p * c, h * hd)])
+      out = out[None]
       x = x + attn.o_proj(out)
       x = x + layer.mlp(layer.post_attention_layernorm(x))
       if i < n_ds:                            # Qwen3-VL DeepStack at the prompt's image positions
@@ -314,7 +318,7 @@ class ContinuousEngine:
         x = jnp.where(pre_vmask_T[None, :, None], x + feats[None], x)
     x = model.model.norm(x)[0]
 
-    last_P = x[s:].reshape(p, c, -1)[jnp.arange(p), inp.pre_last_P]
+    last_P = x[s:].reshape(p, c, x.shape[-1])[jnp.arange(p), inp.pre_last_P]
     logits = model.logits(jnp.concatenate([x[:s], last_P])[None], dtype=jnp.float32)[0]      # [S + P, V]
     # Decode lanes draw token dec_tidx of their sample; prefill lanes draw token 0 of n samples.
     seq_N = jnp.concatenate([inp.dec_seq_S, (inp.pre_seq0_P[:, None] + jnp.arange(n)[None]).reshape(-1)])
@@ -519,7 +523,9 @@ class ContinuousEngine:
   def _build_inputs(self, slot_seq, active, gen, tokens, prompt_len_B, first_B, deltas_B, prompt_pages, own_pages,
                     lane_prompt, lane_done, copies, *, n, lp, max_pages_seq, max_pages_prompt) -> StepInputs:
     ec = self.engine_cfg
-    s_n, p_n, c_n, page = ec.num_slots, ec.prefill_lanes, ec.prefill_chunk, ec.page_size
+    s_n, c_n, page = ec.num_slots, ec.prefill_chunk, ec.page_size
+    # No prompt in flight: zero prefill lanes, a second (decode-only) compiled program.
+    p_n = ec.prefill_lanes if (lane_prompt >= 0).any() else 0
     i32 = lambda a: np.asarray(a, np.int32)
     dec_token, dec_kv, dec_pos = np.zeros(s_n, np.int64), np.zeros(s_n, np.int64), np.zeros(s_n, np.int64)
     dec_pages = np.zeros((s_n, max_pages_seq), np.int64)
