@@ -13,5 +13,5 @@ from papo_jax.sampling.sampler import (
     sample_tokens,
 )
 
-__all__ = ["ContinuousEngine", "EngineConfig", "PageAllocator", "paged_attention_xla", "FINISH_EOS", "FINISH_LENGTH", "Rollout", "Sampler", "SamplingConfig", "filter_logits", "generate",
-           "sample_tokens"]
+__all__ = ["ContinuousEngine", "EngineConfig", "FINISH_EOS", "FINISH_LENGTH", "PageAllocator", "Rollout", "Sampler",
+           "SamplingConfig", "filter_logits", "generate", "paged_attention_xla", "sample_tokens"]

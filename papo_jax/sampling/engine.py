@@ -217,6 +217,7 @@ class ContinuousEngine:
     self._encode = jax.jit(self._encode_impl)
     self._step = jax.jit(self._step_impl, static_argnames=("n",), donate_argnames=("cache",))
     self._cache: PagedKVCache | None = None
+    self._seen: set = set()
     self.stats: dict = {}
 
   # -- shapes ------------------------------------------------------------------------------
@@ -368,6 +369,10 @@ class ContinuousEngine:
                        f"max_new_tokens={t_max} needs {max_pages_seq} pages of {page} as headroom plus "
                        f"{max_pages_prompt} for a prompt ({need} in all)")
 
+    shape = (b_count, lp, None if pixel_values_NxP is None else tuple(np.shape(pixel_values_NxP)), t_max, n)
+    if shape not in self._seen:
+      self._seen.add(shape)
+      logging.info("engine: compiling for prompts (%d, %d), pixels %s, max_new_tokens %d, n %d", *shape)
     buf, deltas_B = self._encode(state, jnp.asarray(ids_np), jnp.asarray(mask_np),
                                  None if pixel_values_NxP is None else jnp.asarray(pixel_values_NxP),
                                  None if image_grid_thw_Ix3 is None else jnp.asarray(image_grid_thw_Ix3, jnp.int32))
