@@ -1,4 +1,6 @@
-"""KV-cache rollout generation for the VLM (prefill once per prompt, n samples, while_loop decode)."""
+"""Rollout generation for the VLM: the static KV-cache sampler and the continuous-batching paged engine."""
+
+from papo_jax.sampling.engine import ContinuousEngine, EngineConfig, PageAllocator, paged_attention_xla
 
 from papo_jax.sampling.sampler import (
     FINISH_EOS,
@@ -11,5 +13,5 @@ from papo_jax.sampling.sampler import (
     sample_tokens,
 )
 
-__all__ = ["FINISH_EOS", "FINISH_LENGTH", "Rollout", "Sampler", "SamplingConfig", "filter_logits", "generate",
-           "sample_tokens"]
+__all__ = ["ContinuousEngine", "EngineConfig", "FINISH_EOS", "FINISH_LENGTH", "PageAllocator", "Rollout", "Sampler",
+           "SamplingConfig", "filter_logits", "generate", "paged_attention_xla", "sample_tokens"]

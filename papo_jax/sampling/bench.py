@@ -1,21 +1,27 @@
-"""Rollout throughput: our KV-cache sampler vs transformers ``generate``, same weights, same inputs.
+"""Rollout throughput on long-tailed response lengths: static sampler vs continuous engine, same KV memory.
 
-    python -m papo_jax.sampling.bench                      # CPU, small random config, side by side
-    python -m papo_jax.sampling.bench --batch=16 --max_new_tokens=256 --n=4
+    python -m papo_jax.sampling.bench --engine=static,continuous            # CPU-sized defaults
+    python -m papo_jax.sampling.bench --median=300 --p99=2000 --max_new_tokens=2048 --prompts=384 --n=5
 
-One random Qwen2.5-VL (text hidden 256, 4 layers, vocab 1024; a small vision tower) is built
-in transformers, saved, and loaded into papo_jax, so both run identical float32 weights on
-identical left-padded prompts (an image plus text per prompt). Both decode greedily for
-exactly ``max_new_tokens`` (no early stop: HF gets ``min_new_tokens``, we stop on an id
-outside the vocabulary). Prefill is timed separately (ours: the prefill program; HF:
-``generate(max_new_tokens=1)``), and decode tokens/s = B*n*(T-1) / (total - prefill).
-Torch runs with all CPU threads, XLA with its default CPU thread pool.
+One random Qwen2.5-VL (text hidden 256, 4 layers, vocab 1024; a small vision tower, one image
+per prompt) decodes greedily. Every sample's length is drawn up front from a log-normal
+(``--median``, ``--p99``, clipped to ``[2, max_new_tokens]``) and forced: the stop token is
+suppressed before that length and forced at it (a logits hook in this bench only), so both
+engines produce exactly the same lengths and the comparison is on scheduling alone.
+
+* **static**: :class:`~papo_jax.sampling.sampler.Sampler` over batches of ``--static_rows``
+  rows (prompts x n); each batch decodes until its longest row ends. KV memory:
+  rows x (prompt + max_new_tokens) tokens.
+* **continuous**: :class:`~papo_jax.sampling.engine.ContinuousEngine` with ``--slots`` decode
+  lanes and a page pool of the *same* KV bytes as the static cache (``--kv_pages`` overrides).
+
+Printed per engine: slot utilisation (real response tokens / slot-steps), response tokens/s
+(wall time of a second, compiled run), KV bytes, steps, preemptions.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 
 import jax
@@ -24,22 +30,34 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from papo_jax import models
+from papo_jax.models import config as model_config_lib
+from papo_jax.models.checkpoint import init_model
+from papo_jax.models.qwen2_5_vl import Qwen25VL
+from papo_jax.sampling.engine import ContinuousEngine, EngineConfig
 from papo_jax.sampling.sampler import Sampler, SamplingConfig
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("batch", 8, "Prompts per generate call.")
-flags.DEFINE_integer("prompt_len", 64, "Prompt length (image tokens included), left padded.")
-flags.DEFINE_integer("max_new_tokens", 128, "Response tokens generated per sequence.")
-flags.DEFINE_integer("n", 1, "Samples per prompt (HF: prompts repeated n times).")
-flags.DEFINE_integer("image_side", 112, "Image side in pixels (one image per prompt; 0 for text only).")
-flags.DEFINE_integer("iters", 3, "Timed repetitions (after one warm-up / compile call).")
-flags.DEFINE_bool("skip_hf", False, "Do not time transformers.")
+flags.DEFINE_list("engine", ["static", "continuous"], "Engines to run, in order.")
+flags.DEFINE_integer("prompts", 64, "Prompts in the workload.")
+flags.DEFINE_integer("n", 4, "Samples per prompt.")
+flags.DEFINE_integer("prompt_len", 48, "Prompt length (image tokens included), left padded.")
+flags.DEFINE_integer("image_side", 56, "Image side in pixels (one image per prompt; 0 for text only).")
+flags.DEFINE_float("median", 30.0, "Median response length.")
+flags.DEFINE_float("p99", 200.0, "99th percentile of the response length.")
+flags.DEFINE_integer("max_new_tokens", 256, "Response length cap (lengths are clipped to it).")
+flags.DEFINE_integer("static_rows", 32, "Static sampler: rows (prompts x n) per generate call.")
+flags.DEFINE_integer("slots", 64, "Continuous engine: decode slots.")
+flags.DEFINE_integer("page_size", 16, "Continuous engine: tokens per KV page.")
+flags.DEFINE_integer("kv_pages", 0, "Continuous engine: pages (0: the static sampler's KV bytes).")
+flags.DEFINE_integer("prefill_chunk", 64, "Continuous engine: prompt tokens per prefill lane per step.")
+flags.DEFINE_integer("prefill_lanes", 1, "Continuous engine: prompts prefilled per step.")
+flags.DEFINE_integer("seed", 0, "Workload seed.")
 
 IMAGE_ID, VIDEO_ID, VSTART_ID, VEND_ID, BOS_ID, EOS_ID, PAD_ID = 20, 21, 22, 23, 1, 2, 0
+BIG = 1e4
 
 
-def hf_config():
+def model_config():
   from transformers import Qwen2_5_VLConfig
   text = dict(vocab_size=1024, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
               num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=True,
@@ -48,9 +66,10 @@ def hf_config():
   vision = dict(depth=2, hidden_size=128, num_heads=4, intermediate_size=256, out_hidden_size=256,
                 fullatt_block_indexes=[1], hidden_act="silu", patch_size=14, spatial_merge_size=2,
                 temporal_patch_size=2, window_size=112, tokens_per_second=2)
-  return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
-                          vision_start_token_id=VSTART_ID, vision_end_token_id=VEND_ID, tie_word_embeddings=True,
-                          bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+  hf = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
+                        vision_start_token_id=VSTART_ID, vision_end_token_id=VEND_ID, tie_word_embeddings=True,
+                        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+  return model_config_lib.from_hf_dict(hf.to_dict(), dtype="float32")
 
 
 def make_prompts(batch: int, length: int, side: int, vocab: int, seed: int = 0):
@@ -74,75 +93,132 @@ def make_prompts(batch: int, length: int, side: int, vocab: int, seed: int = 0):
   return ids, mask, pv, grid
 
 
-def _timed(fn, iters):
-  out = fn()                                                   # warm-up / compile
-  t0 = time.perf_counter()
-  for _ in range(iters):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) / iters
+def draw_lengths(count: int, median: float, p99: float, cap: int, seed: int) -> np.ndarray:
+  """Log-normal response lengths (stop token included) with the given median and 99th percentile."""
+  sigma = np.log(p99 / median) / 2.3263
+  x = np.random.default_rng(seed + 1).lognormal(np.log(median), sigma, size=count)
+  return np.clip(np.round(x), 2, cap).astype(np.int32)
+
+
+def force_length(logits_NxV, token_index_N, target_N):
+  """The stop token is impossible before token ``target - 1`` and certain at it."""
+  at = (token_index_N == target_N - 1)[:, None]
+  eos = jnp.arange(logits_NxV.shape[-1])[None, :] == EOS_ID
+  return jnp.where(eos, jnp.where(at, BIG, -BIG), jnp.where(at, -BIG, logits_NxV))
+
+
+class ForcedLengthModel(Qwen25VL):
+  """Bench-only: the static sampler's decode step forces the stop token at each row's ``eos_slot_R``.
+
+  The static decode loop writes response token s at cache slot ``prompt_len + s`` and then
+  samples token ``s + 1`` from these logits, so token ``target - 1`` is drawn when the written
+  slot is ``prompt_len + target - 2``.
+  """
+
+  def decode_step(self, x_Bx1xD, position_ids_3xBx1, cache, write_slot_B):
+    h, cache = super().decode_step(x_Bx1xD, position_ids_3xBx1, cache, write_slot_B)
+    # Read by logits() in the same trace (the decode body calls logits right after this);
+    # set past nnx's attribute checks because the body runs at an inner trace level.
+    object.__setattr__(self, "_forced_index_B", jnp.where(write_slot_B == self.eos_slot_R.get_value(), 0, 1))
+    return h, cache
+
+  def logits(self, hidden_BxLxD, dtype=None):
+    out = super().logits(hidden_BxLxD, dtype)
+    forced = getattr(self, "_forced_index_B", None)
+    index = jnp.ones(out.shape[:1], jnp.int32) if forced is None else forced       # 0: force now
+    return force_length(out[:, 0], index, jnp.ones_like(index))[:, None]
+
+
+def run_static(sampler, model, ids, mask, pv, grid, targets, *, n, rows, t):
+  b_per = rows // n
+  prompt_len = mask.sum(1)
+  patches = None if grid is None else grid.prod(-1)
+  lengths, slot_steps = [], 0
+  for start in range(0, ids.shape[0], b_per):
+    sl = slice(start, start + b_per)
+    tgt = targets[start * n:(start + b_per) * n]
+    model.eos_slot_R.set_value(jnp.asarray(np.repeat(prompt_len[sl], n) + tgt - 2, jnp.int32))
+    graphdef, state = nnx.split(model)
+    if pv is None:
+      pv_b, grid_b = None, None
+    else:
+      p0 = int(patches[:start].sum())
+      pv_b, grid_b = pv[p0:p0 + int(patches[sl].sum())], grid[sl]
+    ro = sampler.generate(state, ids[sl], mask[sl], pv_b, grid_b, n=n)
+    got = np.asarray(jax.device_get(ro.lengths_R))
+    lengths.append(got)
+    slot_steps += len(got) * int(got.max())          # the while loop runs until the longest row ends
+  lengths = np.concatenate(lengths)
+  kv_bytes = 2 * model.config.text.num_hidden_layers * rows * (ids.shape[1] + t) * \
+      model.config.text.num_key_value_heads * model.config.text.head_dim * 4
+  return lengths, dict(slot_utilisation=lengths.sum() / slot_steps, kv_bytes=kv_bytes,
+                       steps=slot_steps // rows, preemptions=0)
+
+
+def run_continuous(engine, model, ids, mask, pv, grid, *, n):
+  ro = engine.generate(nnx.state(model), ids, mask, pv, grid, n=n)
+  return np.asarray(jax.device_get(ro.lengths_R)), dict(engine.stats)
 
 
 def main(argv):
   del argv
-  import torch
-  from transformers import Qwen2_5_VLForConditionalGeneration
-  b, lp, t, n = FLAGS.batch, FLAGS.prompt_len, FLAGS.max_new_tokens, FLAGS.n
-  torch.manual_seed(0)
-  hf = Qwen2_5_VLForConditionalGeneration(hf_config()).eval().float()
-  hf.set_attn_implementation("sdpa")
-  with tempfile.TemporaryDirectory() as d:
-    hf.save_pretrained(d)
-    model = models.from_pretrained(d, dtype="float32")
-  graphdef, state = nnx.split(model)
-  vocab = model.config.text.vocab_size
-  ids, mask, pv, grid = make_prompts(b, lp, FLAGS.image_side, vocab)
-  args = [jnp.asarray(a) if a is not None else None for a in (ids, mask, pv, grid)]
-
-  rows = []
-  cfg = SamplingConfig(max_new_tokens=t, greedy=True, cache_dtype="float32", stop_token_ids=(vocab,))
-  sampler = Sampler(graphdef, cfg)
-  t0 = time.perf_counter()
-  jax.block_until_ready(sampler.generate(state, *args, n=n))
-  compile_s = time.perf_counter() - t0
-  total = _timed(lambda: sampler.generate(state, *args, n=n), FLAGS.iters)
-  prefill = _timed(lambda: sampler._prefill(state, *args, jax.random.key(0), n=n, max_new_tokens=t), FLAGS.iters)
-  rows.append(("papo_jax Sampler (jit, while_loop)", compile_s, prefill, total))
-
-  if not FLAGS.skip_hf:
-    # HF greedy has no num_return_sequences > 1: expand the prompts n times as generate() itself does
-    # for sampling (HF then prefills every copy; we prefill once per prompt).
-    ti = torch.as_tensor(np.repeat(ids, n, 0), dtype=torch.long)
-    kw = dict(input_ids=ti, attention_mask=torch.as_tensor(np.repeat(mask, n, 0), dtype=torch.long),
-              mm_token_type_ids=(ti == IMAGE_ID).long(), do_sample=False, pad_token_id=PAD_ID, eos_token_id=EOS_ID)
-    if pv is not None:
-      pv_n = np.repeat(pv.reshape(b, -1, pv.shape[-1]), n, 0).reshape(-1, pv.shape[-1])
-      kw.update(pixel_values=torch.as_tensor(pv_n), image_grid_thw=torch.as_tensor(np.repeat(grid, n, 0)).long())
-
-    def hf_gen(new):
-      with torch.no_grad():
-        out = hf.generate(**kw, max_new_tokens=new, min_new_tokens=new)
-      assert out.shape == (b * n, lp + new), out.shape
-      return out
-
-    total_hf = _timed(lambda: hf_gen(t), FLAGS.iters)
-    prefill_hf = _timed(lambda: hf_gen(1), FLAGS.iters)
-    rows.append(("transformers generate (torch, sdpa)", 0.0, prefill_hf, total_hf))
-
-  print(f"\nrollout bench: hidden 256, 4 layers, vocab {vocab}, float32, batch={b} n={n} prompt_len={lp} "
-        f"image={FLAGS.image_side}px max_new_tokens={t} devices={jax.devices()[0].platform}x{jax.device_count()} "
-        f"cpus={os.cpu_count()} torch_threads={torch.get_num_threads()}")
-  print(f"{'implementation':<36} {'compile s':>9} {'prefill s':>9} {'total s':>8} {'decode tok/s':>12} "
-        f"{'end-to-end tok/s':>16}")
-  rates = []
-  for name, comp, pre, tot in rows:
-    dec = b * n * (t - 1) / max(tot - pre, 1e-9)
-    e2e = b * n * t / tot
-    rates.append(dec)
-    print(f"{name:<36} {comp:>9.2f} {pre:>9.4f} {tot:>8.3f} {dec:>12.0f} {e2e:>16.0f}")
-  if len(rates) == 2:
-    print(f"speed-up (decode tok/s): {rates[0] / rates[1]:.1f}x; "
-          f"end-to-end: {rows[1][3] / rows[0][3]:.1f}x")
+  n, t = FLAGS.n, FLAGS.max_new_tokens
+  if FLAGS.static_rows % n:
+    raise ValueError(f"--static_rows={FLAGS.static_rows} must be a multiple of --n={n}")
+  cfg = model_config()
+  model = init_model(cfg)
+  bench_model = ForcedLengthModel(cfg, rngs=nnx.Rngs(0))
+  nnx.update(bench_model, nnx.state(model))
+  rows = FLAGS.static_rows
+  bench_model.eos_slot_R = nnx.Variable(jnp.zeros((rows,), jnp.int32))
+  ids, mask, pv, grid = make_prompts(FLAGS.prompts, FLAGS.prompt_len, FLAGS.image_side, cfg.text.vocab_size,
+                                     FLAGS.seed)
+  targets = draw_lengths(FLAGS.prompts * n, FLAGS.median, FLAGS.p99, t, FLAGS.seed)
+  static_kv = 2 * cfg.text.num_hidden_layers * rows * (FLAGS.prompt_len + t) * cfg.text.num_key_value_heads * \
+      cfg.text.head_dim * 4
+  pages = FLAGS.kv_pages or static_kv // (2 * cfg.text.num_hidden_layers * FLAGS.page_size *
+                                          cfg.text.num_key_value_heads * cfg.text.head_dim * 4)
+  engine_cfg = EngineConfig(num_slots=FLAGS.slots, page_size=FLAGS.page_size, num_pages=int(pages),
+                            prefill_chunk=FLAGS.prefill_chunk, prefill_lanes=FLAGS.prefill_lanes)
+  print(f"\nrollout bench: hidden 256, 4 layers, vocab {cfg.text.vocab_size}, float32, {FLAGS.prompts} prompts x "
+        f"n={n}, prompt_len={FLAGS.prompt_len}, image={FLAGS.image_side}px, lengths log-normal median "
+        f"{FLAGS.median:g} p99 {FLAGS.p99:g} cap {t} (drawn: median {np.median(targets):.0f}, mean "
+        f"{targets.mean():.1f}, p99 {np.percentile(targets, 99):.0f}, max {targets.max()}, total {targets.sum()}), "
+        f"devices={jax.devices()[0].platform}x{jax.device_count()}, cpus={os.cpu_count()}")
+  scfg = SamplingConfig(max_new_tokens=t, greedy=True, cache_dtype="float32", stop_token_ids=(EOS_ID,))
+  sampler = Sampler(nnx.graphdef(bench_model), scfg)
+  target_R = jnp.asarray(targets)
+  engine = ContinuousEngine(nnx.graphdef(model), scfg, engine_cfg,
+                            logits_processor=lambda l, seq, j: force_length(l, j, target_R[seq]))
+  results = []
+  for name in FLAGS.engine:
+    if name == "static":
+      fn = lambda: run_static(sampler, bench_model, ids, mask, pv, grid, targets, n=n, rows=rows, t=t)
+      desc = f"static ({rows} rows/batch)"
+    elif name == "continuous":
+      fn = lambda: run_continuous(engine, model, ids, mask, pv, grid, n=n)
+      desc = (f"continuous ({engine_cfg.num_slots} slots, {engine_cfg.num_pages}x{engine_cfg.page_size} pages, "
+              f"chunk {engine_cfg.prefill_chunk}x{engine_cfg.prefill_lanes})")
+    else:
+      raise ValueError(f"--engine: unknown engine {name!r} (static, continuous)")
+    t0 = time.perf_counter()
+    fn()                                                # compile + warm-up
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lengths, stats = fn()
+    wall = time.perf_counter() - t0
+    if not np.array_equal(lengths, targets):
+      raise AssertionError(f"{name}: response lengths differ from the forced targets "
+                           f"({int((lengths != targets).sum())} of {len(targets)} rows)")
+    results.append((desc, compile_s, wall, targets.sum() / wall, stats))
+  print(f"{'engine':<52} {'warm-up s':>9} {'wall s':>7} {'tokens/s':>9} {'slot util':>9} {'KV MB':>7} "
+        f"{'steps':>6} {'preempt':>7}")
+  for desc, comp, wall, rate, st in results:
+    print(f"{desc:<52} {comp:>9.1f} {wall:>7.2f} {rate:>9.0f} {st['slot_utilisation']:>9.1%} "
+          f"{st['kv_bytes'] / 2**20:>7.1f} {st['steps']:>6} {st['preemptions']:>7}")
+  if len(results) == 2:
+    print(f"tokens/s ratio {results[1][0].split()[0]} / {results[0][0].split()[0]}: "
+          f"{results[1][3] / results[0][3]:.2f}x (all lengths equal the forced targets in both)")
 
 
 if __name__ == "__main__":
