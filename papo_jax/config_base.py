@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.algo = dict(name="grpo", eps_low=0.2, eps_high=0.3, dual_clip=3.0, beta=0.01, agg="token",
                 dynamic_sampling=False, dapo_acc_low=0.01, dapo_acc_high=0.99, dapo_chunk=128,
                 dapo_max_rounds=20)
-  c.papo = dict(gamma=0.0, gamma_end=-1.0, eta_ori=0.0, eta_mask=0.0, mask_grad=False,
+  c.papo = dict(gamma=0.0, gamma_end=-1.0, gamma_horizon_frac=0.5, eta_ori=0.0, eta_mask=0.0, mask_grad=False,
                 kl_prcp_clamp_hi=-1.0, kl_prcp_top_frac=-1.0)
   # overlap: grade in the background while the log-prob pass runs (GRPO with optim.mini_batches > 1).
   # format_mode: think (<think>.*</think>.*\boxed{}) | thinking (.*</think>.*\boxed{}, for chat
@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   # samples_every: every that many steps, samples_per_step sampled responses with their rewards go to
   # <workdir>/samples.jsonl and TensorBoard text (0: never).
   c.log = dict(every=1, tensorboard=True, wandb_project="", samples_every=5, samples_per_step=4)
-  c.monitor = dict(kl_prcp_spike=5.0, clipfrac_high_max=0.2, entropy_rise=0.5, window=10,
+  c.monitor = dict(kl_prcp_spike=5.0, pg_clipfrac_higher_max=0.2, entropy_rise=0.5, window=10,
                    action="warn")   # warn | lower_gamma | stop
   # Evaluation (papo_jax/eval.py; papo.md section 7). benchmarks: () = the paper's all;
   # custom: name -> dict(pattern=, group=general|vision, problem=, answer=, images=, closed_form=).
@@ -134,7 +134,8 @@ def perception_terms(c: ml_collections.ConfigDict, step: int = 0, gamma_halvings
   terms are scaled with it."""
   from papo_jax.rl.losses import gamma_schedule
   if c.papo.gamma_end >= 0:
-    gamma, scale = (float(x) for x in gamma_schedule(step, c.train.steps, c.papo.gamma, c.papo.gamma_end))
+    gamma, scale = (float(x) for x in gamma_schedule(step, c.train.steps, c.papo.gamma, c.papo.gamma_end,
+                                                        horizon_frac=c.papo.gamma_horizon_frac))
   else:
     gamma, scale = float(c.papo.gamma), 1.0
   lowered = 0.5 ** gamma_halvings

@@ -460,8 +460,8 @@ def load_policy(checkpoint: str, c, step: int | None = None):
 
 def resolved_format_mode(c, processor) -> str:
   """reward.format_mode with ``auto`` resolved from the chat template, as training resolves it."""
-  from papo_jax.train import format_mode
-  return format_mode(c, processor)
+  from papo_jax.rl.rewards import format_mode
+  return format_mode(c.reward.format_mode, processor)
 
 
 def run(c: ml_collections.ConfigDict, checkpoint: str, out_dir: str, *, step: int | None = None,

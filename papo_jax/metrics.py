@@ -96,8 +96,8 @@ class Monitor:
       kl = metrics.get("actor/kl_prcp", 0.0)
       if base > 0 and kl > self.cfg.kl_prcp_spike * base:
         warnings.append(f"perception KL spiked to {kl:.4g} ({kl / base:.1f}x its recent median)")
-      clip = [x.get("actor/clipfrac_high", 0.0) for x in h] + [metrics.get("actor/clipfrac_high", 0.0)]
-      if clip[-1] > self.cfg.clipfrac_high_max and all(a <= b for a, b in zip(clip[-4:], clip[-3:])):
+      clip = [x.get("actor/pg_clipfrac_higher", 0.0) for x in h] + [metrics.get("actor/pg_clipfrac_higher", 0.0)]
+      if clip[-1] > self.cfg.pg_clipfrac_higher_max and all(a <= b for a, b in zip(clip[-4:], clip[-3:])):
         warnings.append(f"high-side clip fraction keeps rising ({clip[-1]:.3f})")
       for k in ("actor/entropy_ori", "actor/entropy_mask"):
         e0 = np.mean([x.get(k, 0.0) for x in h])

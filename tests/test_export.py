@@ -39,9 +39,10 @@ def test_export_writes_generation_config_and_model_card(tmp_path, monkeypatch):
   """export(): the checkpoint's model, the generation config from the run's eval group, the eval table."""
   from transformers import GenerationConfig
   from papo_jax import models
-  from papo_jax.train import build_tiny_checkpoint
+  from papo_jax.models.tiny import build_tiny_checkpoint
   c = tiny_config()
-  base = build_tiny_checkpoint(c, str(tmp_path / "base"))
+  base = build_tiny_checkpoint(str(tmp_path / "base"), c.model.tiny, min_pixels=c.data.min_pixels,
+                              max_pixels=c.data.max_pixels)
   model = models.from_pretrained(base, dtype="float32")
   monkeypatch.setattr(X, "load_trained_model", lambda workdir, step=None: (model, c, base, 7))
   workdir = tmp_path / "run"

@@ -86,7 +86,7 @@ def test_samples_go_to_jsonl_and_tensorboard_text(tmp_path):
 
 
 def _monitor_cfg(action):
-  return ml_collections.ConfigDict(dict(kl_prcp_spike=5.0, clipfrac_high_max=0.2, entropy_rise=0.5, window=10,
+  return ml_collections.ConfigDict(dict(kl_prcp_spike=5.0, pg_clipfrac_higher_max=0.2, entropy_rise=0.5, window=10,
                                         action=action))
 
 
