@@ -20,7 +20,7 @@ from flax import nnx
 
 from papo_jax.models.attention import causal_attention, decode_attention, resolve_backend
 from papo_jax.models.config import ModelConfig, TextConfig
-from papo_jax.models.layers import Dense, RMSNorm, apply_rope, softmax_attention
+from papo_jax.models.layers import Dense, RMSNorm, apply_rope, remat_call, resolve_remat, softmax_attention
 from papo_jax.models.positions import check_image_tokens, get_rope_index
 from papo_jax.models.vision import VisionTower
 from papo_jax.parallel import constrain
@@ -171,7 +171,8 @@ class Qwen25VL(nnx.Module):
     dtype, pdtype = _dtype(config.dtype), _dtype(config.param_dtype)
     self.config = config
     backend = resolve_backend(config.attention)
-    self.visual = self.vision_tower_cls(config.vision, dtype=dtype, param_dtype=pdtype, remat=config.remat,
+    self.remat_text, remat_vision = resolve_remat(config.remat)
+    self.visual = self.vision_tower_cls(config.vision, dtype=dtype, param_dtype=pdtype, remat=remat_vision,
                                         rngs=rngs, backend=backend, block=config.attention_block,
                                         max_image_patches=config.max_image_patches)
     self.model = TextModel(config.text, dtype=dtype, param_dtype=pdtype, rngs=rngs, backend=backend,
@@ -216,8 +217,8 @@ class Qwen25VL(nnx.Module):
     new_k, new_v = [], []
     for i, layer in enumerate(self.model.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      if self.config.remat and cache is None:
-        x, _ = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, cos, sin, mask)
+      if cache is None:
+        x, _ = remat_call(self.remat_text, lambda lyr, *a: lyr(*a), layer, x, cos, sin, mask)
       else:
         x, kv = layer(x, cos, sin, mask, kv, cache_index)
       if kv is not None:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from papo_jax.models.config import VisionConfig
-from papo_jax.models.layers import Dense, param
+from papo_jax.models.layers import Dense, param, remat_call, resolve_remat
 from papo_jax.models.positions import check_image_tokens, image_token_layout
 from papo_jax.models.qwen2_5_vl import Qwen25VL
 from papo_jax.models.vision import AttentionLayout, VisionAttention, check_image_patches, vision_rope
@@ -190,7 +190,7 @@ class PatchMerger(nnx.Module):
 class VisionTower(nnx.Module):
   """Qwen3VLVisionModel. Same constructor as the Qwen2.5-VL tower; returns DeepStack features too."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool = False, rngs: nnx.Rngs,
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool | str = "none", rngs: nnx.Rngs,
                backend: str = "xla", block: int = 512, max_image_patches: int = 0):
     self.cfg = cfg
     self.max_image_patches = max_image_patches
@@ -203,7 +203,7 @@ class VisionTower(nnx.Module):
         PatchMerger(cfg, postshuffle_norm=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         for _ in cfg.deepstack_visual_indexes])
     self.dtype = dtype
-    self.remat = remat
+    self.remat = resolve_remat(remat)[1] if isinstance(remat, bool) else remat   # a policy name
 
   def __call__(self, pixel_values_NxP: jax.Array, image_grid_thw_Ix3: jax.Array):
     """Returns (merged features [N // 4, out], DeepStack features [K, N // 4, out]), raster order per image.
@@ -227,10 +227,7 @@ class VisionTower(nnx.Module):
     x = constrain(x, ("patch", "vision_embed"))
     deepstack = []
     for i, blk in enumerate(self.blocks):
-      if self.remat:
-        x = nnx.remat(lambda b, xx, c, s: b(xx, c, s, frames))(blk, x, cos, sin)
-      else:
-        x = blk(x, cos, sin, frames)
+      x = remat_call(self.remat, lambda b, xx, c, s: b(xx, c, s, frames), blk, x, cos, sin)
       if i in cfg.deepstack_visual_indexes:
         deepstack.append(self.deepstack_merger_list[cfg.deepstack_visual_indexes.index(i)](x))
     merged = self.merger(x)

@@ -21,7 +21,7 @@ from flax import nnx
 
 from papo_jax.models.config import VisionConfig
 from papo_jax.models.attention import segment_attention, window_attention
-from papo_jax.models.layers import Dense, RMSNorm, apply_rope
+from papo_jax.models.layers import Dense, RMSNorm, apply_rope, remat_call, resolve_remat
 from papo_jax.models.positions import image_token_layout
 from papo_jax.parallel import constrain
 
@@ -199,7 +199,7 @@ class PatchEmbed(nnx.Module):
 
 class VisionTower(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool = False, rngs: nnx.Rngs,
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool | str = "none", rngs: nnx.Rngs,
                backend: str = "xla", block: int = 512, max_image_patches: int = 0):
     self.cfg = cfg
     self.max_image_patches = max_image_patches
@@ -208,7 +208,7 @@ class VisionTower(nnx.Module):
                                         block=block) for _ in range(cfg.depth)])
     self.merger = PatchMerger(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dtype = dtype
-    self.remat = remat
+    self.remat = resolve_remat(remat)[1] if isinstance(remat, bool) else remat   # a policy name
 
   def __call__(self, pixel_values_NxP: jax.Array, image_grid_thw_Ix3: jax.Array) -> jax.Array:
     """Returns merged image features [N // 4, out_hidden_size] in raster order per image.
@@ -234,9 +234,6 @@ class VisionTower(nnx.Module):
     x = constrain(x, ("patch", "vision_embed"))
     for i, block in enumerate(self.blocks):
       layout = frames if i in cfg.fullatt_block_indexes else windows
-      if self.remat:
-        x = nnx.remat(lambda blk, xx, c, s: blk(xx, c, s, layout))(block, x, cos, sin)
-      else:
-        x = block(x, cos, sin, layout)
+      x = remat_call(self.remat, lambda blk, xx, c, s: blk(xx, c, s, layout), block, x, cos, sin)
     merged = self.merger(x)
     return merged[lay["rank_K"]]
