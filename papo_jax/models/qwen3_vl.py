@@ -32,7 +32,8 @@ from papo_jax.models.config import VisionConfig
 from papo_jax.models.layers import Dense, param, remat_call, resolve_remat
 from papo_jax.models.positions import check_image_tokens, image_token_layout
 from papo_jax.models.qwen2_5_vl import Qwen25VL
-from papo_jax.models.vision import AttentionLayout, VisionAttention, check_image_patches, vision_rope
+from papo_jax.models.vision import (AttentionLayout, SharedImages, VisionAttention, check_image_patches, encode_shards,
+                                    gather_shard_rows, shared_image_index, vision_rope)
 from papo_jax.parallel import constrain
 
 _ACTIVATIONS = {
@@ -242,8 +243,9 @@ class DeepStackEmbeds(NamedTuple):
   """Decoder input when images are present.
 
   x_BxLxD: token embeddings with the merged image features at the ``<|image_pad|>`` positions.
-  deepstack_KxMxD: DeepStack features of the M merged image tokens (all images, in order).
-  visual_index_BxL: which of the M rows each position takes (meaningful where visual_mask_BxL).
+  deepstack_KxMxD: DeepStack features of the M merged image tokens (all images, in order);
+    [K, S, M, D] per batch shard for :class:`SharedImages` (rows split into S shards).
+  visual_index_BxL: which of the M rows (of its shard's) each position takes (meaningful where visual_mask_BxL).
   visual_mask_BxL: the ``<|image_pad|>`` positions.
   """
   x_BxLxD: jax.Array
@@ -262,6 +264,14 @@ class Qwen3VL(Qwen25VL):
     if pixel_values_NxP is None:
       return super().embed(input_ids_BxL)
     cfg = self.config
+    if isinstance(pixel_values_NxP, SharedImages):
+      x = self.model.embed_tokens(input_ids_BxL).astype(self.dtype)
+      feats_SxMxD, deepstack_SxKxMxD = encode_shards(self.visual, pixel_values_NxP)
+      idx = shared_image_index(input_ids_BxL, pixel_values_NxP, image_token_id=cfg.image_token_id,
+                               merge=cfg.vision.spatial_merge_size)
+      is_img = input_ids_BxL == cfg.image_token_id
+      x = jnp.where(is_img[..., None], gather_shard_rows(feats_SxMxD.astype(x.dtype), idx), x)
+      return DeepStackEmbeds(x, jnp.moveaxis(deepstack_SxKxMxD, 1, 0).astype(x.dtype), idx, is_img)
     if not isinstance(input_ids_BxL, jax.core.Tracer) and not isinstance(image_grid_thw_Ix3, jax.core.Tracer):
       check_image_tokens(input_ids_BxL, image_grid_thw_Ix3, image_token_id=cfg.image_token_id,
                          spatial_merge_size=cfg.vision.spatial_merge_size)
@@ -281,7 +291,11 @@ class Qwen3VL(Qwen25VL):
 
     def add_deepstack(i, h_BxLxD):
       if i < k:
-        feats_BxLxD = emb.deepstack_KxMxD[i].astype(h_BxLxD.dtype)[emb.visual_index_BxL]
+        feats = emb.deepstack_KxMxD[i].astype(h_BxLxD.dtype)
+        if feats.ndim == 3:   # per batch shard
+          feats_BxLxD = gather_shard_rows(feats, emb.visual_index_BxL)
+        else:
+          feats_BxLxD = feats[emb.visual_index_BxL]
         h_BxLxD = jnp.where(emb.visual_mask_BxL[..., None], h_BxLxD + feats_BxLxD, h_BxLxD)
       return h_BxLxD if after_layer is None else after_layer(i, h_BxLxD)
 

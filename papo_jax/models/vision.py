@@ -14,6 +14,8 @@ neighbouring windows, full layers per image padded to ``max_image_patches``
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +25,65 @@ from papo_jax.models.config import VisionConfig
 from papo_jax.models.attention import segment_attention, window_attention
 from papo_jax.models.layers import Dense, RMSNorm, apply_rope, remat_call, resolve_remat
 from papo_jax.models.positions import image_token_layout
-from papo_jax.parallel import constrain
+from papo_jax.parallel import constrain, use_mesh_rules
+
+
+class SharedImages(NamedTuple):
+  """The images of a batch of B rows laid out per batch shard, each distinct image once.
+
+  Rows are split into S contiguous shards of B / S rows (the batch mesh axes' split), and
+  shard s holds the distinct images of its rows only, so each device encodes its own rows'
+  images, and the n samples of a prompt (rows sharing an image) share one encoding.
+
+  pixel_values_SxNxP: shard s's distinct images' patch rows (processor order, zero padded);
+  image_grid_thw_SxIx3: their grids (zero rows pad); row_image_start_B: which of its
+  shard's images is row b's first (a row's images are consecutive; rows without images
+  have no image tokens, so theirs is never read).
+  """
+  pixel_values_SxNxP: jax.Array
+  image_grid_thw_SxIx3: jax.Array
+  row_image_start_B: jax.Array
+
+
+def shared_image_index(input_ids_BxL, images: SharedImages, *, image_token_id: int, merge: int) -> jax.Array:
+  """For each position, the row of its shard's merged image features it takes ([B, L] int32)."""
+  n_SxI, *_ = jax.vmap(lambda g: image_token_layout(g, merge))(images.image_grid_thw_SxIx3)
+  starts_SxI = jnp.cumsum(n_SxI, axis=1) - n_SxI
+  b = input_ids_BxL.shape[0]
+  s = n_SxI.shape[0]
+  shard_B = jnp.arange(b) // (b // s)
+  first_B = starts_SxI[shard_B, images.row_image_start_B]
+  is_img = input_ids_BxL == image_token_id
+  return first_B[:, None] + jnp.cumsum(is_img, axis=1) - 1
+
+
+def gather_shard_rows(feats_SxKxD: jax.Array, index_BxL: jax.Array) -> jax.Array:
+  """[B, L, D]: position (b, l) takes ``feats[b // (B / S), index[b, l]]`` (clipped).
+
+  Gathered per shard (vmap), so with rows and shards split over the same devices the
+  gather stays local; its gradient scatters back onto the shared encodings.
+  """
+  s, k, _ = feats_SxKxD.shape
+  b, l = index_BxL.shape
+  idx = jnp.clip(index_BxL, 0, k - 1).reshape(s, b // s, l)
+  out = jax.vmap(lambda f_KxD, i_bxL: f_KxD[i_bxL])(feats_SxKxD, idx)
+  return out.reshape(b, l, -1)
+
+
+def encode_shards(tower, images: SharedImages):
+  """Runs the vision tower on each shard's images: the tower's outputs with a leading S axis.
+
+  The shard axis is pinned to the batch mesh axes; inside, the tower runs unconstrained
+  (its per-shard layout is a vmap away from the batch axes, and XLA propagates the shard
+  split through it), so each device encodes only its own shards.
+  """
+  pv = constrain(images.pixel_values_SxNxP, ("batch", None, None))
+  grid = images.image_grid_thw_SxIx3
+  if not isinstance(grid, jax.core.Tracer):
+    check_image_patches(np.asarray(grid).reshape(-1, 3), min(tower.max_image_patches, pv.shape[1]))
+  with use_mesh_rules(None):
+    out = jax.vmap(tower)(pv, grid)
+  return jax.tree.map(lambda a: constrain(a, ("batch",) + (None,) * (a.ndim - 1)), out)
 
 
 def vision_layout(grid_thw_Ix3: jax.Array, num_patches: int, merge: int, window: int):

@@ -3,6 +3,7 @@
 from papo_jax.parallel.sharding import (
     DEFAULT_RULES,
     MESH_AXES,
+    batch_shards,
     constrain,
     logical_partition_spec,
     logical_to_mesh_spec,
@@ -15,6 +16,7 @@ from papo_jax.parallel.sharding import (
 __all__ = [
     "DEFAULT_RULES",
     "MESH_AXES",
+    "batch_shards",
     "constrain",
     "logical_partition_spec",
     "logical_to_mesh_spec",

@@ -55,6 +55,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
+def batch_shards(mesh: Mesh | None, rules=DEFAULT_RULES) -> int:
+  """How many ways the ``batch`` logical axis splits on ``mesh`` (1 without a mesh): the
+  ``shards`` of :func:`papo_jax.rl.batching.assemble_train_batch`."""
+  if mesh is None:
+    return 1
+  axes = _rules_dict(rules).get("batch")
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def _rules_dict(rules: Iterable[tuple[str, Any]]) -> dict[str, Any]:
   return {name: axes for name, axes in rules}
 
