@@ -32,7 +32,7 @@ from papo_jax.models.config import VisionConfig
 from papo_jax.models.layers import Dense, param, remat_call, resolve_remat
 from papo_jax.models.positions import check_image_tokens, image_token_layout
 from papo_jax.models.qwen2_5_vl import Qwen25VL
-from papo_jax.models.vision import (AttentionLayout, SharedImages, VisionAttention, check_image_patches, encode_shards,
+from papo_jax.models.vision import (AttentionLayout, SharedImages, VisionBlock, check_image_patches, encode_shards,
                                     gather_shard_rows, shared_image_index, vision_rope)
 from papo_jax.parallel import constrain
 
@@ -155,19 +155,6 @@ class VisionMLP(nnx.Module):
     return self.linear_fc2(_activation(self.hidden_act)(self.linear_fc1(x)))
 
 
-class VisionBlock(nnx.Module):
-
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs, backend: str = "xla", block: int = 512):
-    self.norm1 = LayerNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
-    self.norm2 = LayerNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
-    self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend, block=block)
-    self.mlp = VisionMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x, cos, sin, layout: AttentionLayout):
-    x = x + self.attn(self.norm1(x), cos, sin, layout)
-    return x + self.mlp(self.norm2(x))
-
-
 class PatchMerger(nnx.Module):
   """2x2 patch shuffle + MLP; LayerNorm before the shuffle (main merger) or after it (DeepStack)."""
 
@@ -198,7 +185,7 @@ class VisionTower(nnx.Module):
     self.patch_embed = PatchEmbed(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.pos_embed = PositionTable(cfg, param_dtype=param_dtype, rngs=rngs)
     self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend,
-                                        block=block) for _ in range(cfg.depth)])
+                                        block=block, norm=LayerNorm, mlp=VisionMLP) for _ in range(cfg.depth)])
     self.merger = PatchMerger(cfg, postshuffle_norm=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.deepstack_merger_list = nnx.List([
         PatchMerger(cfg, postshuffle_norm=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

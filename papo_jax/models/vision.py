@@ -219,12 +219,15 @@ class VisionMLP(nnx.Module):
 
 
 class VisionBlock(nnx.Module):
+  """Pre-norm attention + MLP. ``norm`` and ``mlp`` build the parts that differ between
+  families (Qwen2.5-VL: RMSNorm and a gated SiLU MLP; Qwen3-VL: LayerNorm and a plain MLP)."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs, backend: str = "xla", block: int = 512):
-    self.norm1 = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
-    self.norm2 = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs, backend: str = "xla", block: int = 512,
+               norm=RMSNorm, mlp=None):
+    self.norm1 = norm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
+    self.norm2 = norm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
     self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend, block=block)
-    self.mlp = VisionMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = (mlp or VisionMLP)(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x, cos, sin, layout: AttentionLayout):
     x = x + self.attn(self.norm1(x), cos, sin, layout)
