@@ -10,7 +10,7 @@ from papo_jax import models
 from papo_jax.models.layers import resolve_remat
 from papo_jax.rl.losses import LossConfig
 from papo_jax.rl.train_step import StepConfig, make_grad_fn, make_logprob_pass
-from test_rl_train_step import GRIDS, ROWS, build_batch
+from rollouts import GRIDS, ROWS, build_batch
 
 
 def _flat(tree):

@@ -16,7 +16,7 @@ from papo_jax.parallel import make_mesh, use_mesh_rules
 from papo_jax.rl import batching
 from papo_jax.rl.losses import LossConfig
 from papo_jax.rl.train_step import StepConfig, TrainBatch, make_grad_fn
-from test_rl_train_step import make_groups
+from rollouts import make_groups
 
 ROWS = [[3, "img", 2], [4, "img", 1]]
 GRIDS = [(1, 4, 8), (1, 8, 4)]
