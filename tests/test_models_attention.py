@@ -179,11 +179,11 @@ def test_sampler_prefill_uses_the_backend_and_matches_xla(tmp_path_factory):
   np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-4)
 
 
-def _tower_temp_bytes(images: int, max_image_patches: int) -> int:
+def _tower_temp_bytes(images: int, max_image_patches: int, block: int = 512) -> int:
   cfg = VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
                      fullatt_block_indexes=(1,))
   tower = nnx.eval_shape(lambda: VisionTower(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0),
-                                             max_image_patches=max_image_patches))
+                                             max_image_patches=max_image_patches, block=block))
   graphdef, state = nnx.split(tower)
   side = 16   # 16 x 16 patches (224 px) per image
   pv = jax.ShapeDtypeStruct((images * side * side, cfg.patch_dim), jnp.float32)
@@ -198,9 +198,32 @@ def test_vision_tower_memory_grows_linearly_with_images():
   ratio = (linear[8] - linear[4]) / (linear[4] - linear[2])
   assert ratio < 2.6, (ratio, linear)
   assert linear[8] < 10 * linear[1], linear
-  # The same measure flags the one-sequence full attention ([N, N] scores) as quadratic.
-  dense = {i: _tower_temp_bytes(i, max_image_patches=0) for i in (2, 4, 8)}
+  # The same measure flags the one-sequence full attention with dense [N, N] scores (a
+  # query block larger than N) as quadratic ...
+  dense = {i: _tower_temp_bytes(i, max_image_patches=0, block=1 << 20) for i in (2, 4, 8)}
   assert (dense[8] - dense[4]) / (dense[4] - dense[2]) > 3.0, dense
+  # ... and the query-chunked XLA path over the same one sequence as linear.
+  chunked = {i: _tower_temp_bytes(i, max_image_patches=0, block=128) for i in (2, 4, 8)}
+  assert (chunked[8] - chunked[4]) / (chunked[4] - chunked[2]) < 2.6, chunked
+  assert chunked[8] < dense[8] / 4, (chunked, dense)
+
+
+def test_query_chunked_segment_attention_matches_dense():
+  """Values and gradients equal the dense masked softmax (chunk not dividing L, padded rows)."""
+  b, l, h, d = 2, 200, 2, 16
+  q, k, v = _qkv(jax.random.key(7), b, l, h, h, d)
+  seg = jnp.asarray(np.repeat([[0, 1, 2, 3], [5, 5, 6, 7]], [50, 70, 60, 20], axis=1), jnp.int32)
+  weight = jax.random.normal(jax.random.key(8), (b, l, h, d))
+  dense = lambda q_, k_, v_: softmax_attention(q_, k_, v_, seg[:, :, None] == seg[:, None, :], d ** -0.5)
+  chunked = lambda q_, k_, v_: A.query_chunked_segment_attention(q_, k_, v_, seg, scale=d ** -0.5, chunk=64)
+  switch = lambda q_, k_, v_: A.segment_attention(q_, k_, v_, seg, scale=d ** -0.5, backend="xla", block=64)
+  valid = jnp.ones((b, l), bool)
+  (_, g_ref), o_ref = _loss_and_grads(jax.jit(dense), q, k, v, weight, valid)
+  for fn in (chunked, switch):
+    (_, g_got), o_got = _loss_and_grads(jax.jit(fn), q, k, v, weight, valid)
+    np.testing.assert_allclose(np.asarray(o_got), np.asarray(o_ref), atol=1e-5)
+    for a, r in zip(g_got, g_ref):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")

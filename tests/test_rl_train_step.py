@@ -1,7 +1,5 @@
 """The fused train step: log-probs, every loss term reaching the gradient, accumulation, sharding."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,67 +7,17 @@ import pytest
 from flax import nnx
 
 import hf_utils as H
+from rollouts import GRIDS, ROWS, T, build_batch
 from papo_jax import models
 from papo_jax.parallel import make_mesh, shard_state, use_mesh_rules
 from papo_jax.rl.losses import LossConfig
-from papo_jax.rl.train_step import (StepConfig, TrainBatch, init_train_state, make_grad_fn, make_logprob_pass,
+from papo_jax.rl.train_step import (StepConfig, init_train_state, make_grad_fn, make_logprob_pass,
                                     make_optimizer, make_train_step, response_logprobs)
-
-T = 6  # response length
 
 
 def tiny_model(seed=0):
   cfg = models.from_hf_dict(H.tiny_hf_config(tie=True).to_dict(), dtype="float32").replace(hf_dict=None)
   return models.init_model(cfg, seed=seed)
-
-
-def _pad(a, n, axis=0):
-  pad = [(0, 0)] * a.ndim
-  pad[axis] = (0, n - a.shape[axis])
-  return np.pad(a, pad)
-
-
-def build_batch(model, rows, grids, micro: int, seed=0, nan_adv=False) -> TrainBatch:
-  """Rollouts for ``rows`` (prompt specs as in hf_utils.make_batch) split into ``micro`` micro-batches."""
-  rng = np.random.default_rng(seed)
-  ids, mask, pv, grid = H.make_batch(rows, grids, seed=seed, patch=model.config.vision.patch_size)
-  b = ids.shape[0]
-  resp = rng.integers(30, 64, size=(b, T))
-  lengths = rng.integers(2, T + 1, size=b)
-  resp_mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
-  full_ids = np.concatenate([ids, np.where(resp_mask, resp, H.PAD_ID)], 1).astype(np.int32)
-  full_mask = np.concatenate([mask, resp_mask], 1).astype(np.int32)
-  pos, _ = model.positions(jnp.asarray(full_ids), jnp.asarray(grid), jnp.asarray(full_mask))
-  pos = np.asarray(pos)
-  adv = rng.normal(size=b).astype(np.float32)
-  if nan_adv:
-    adv[0] = np.nan
-  masked_pv = pv * (rng.random(pv.shape[0]) > 0.6)[:, None]
-  # split rows (and their images, which come in row order) into micro-batches of equal shape
-  per = b // micro
-  img_rows = [i for i, spec in enumerate(rows) for item in spec if item == "img"]
-  patch_counts = [t * h * w for t, h, w in grids]
-  starts = np.cumsum([0] + patch_counts)
-  mbs = []
-  for m in range(micro):
-    sel = list(range(m * per, (m + 1) * per))
-    imgs = [k for k, r in enumerate(img_rows) if r in sel]
-    p_idx = np.concatenate([np.arange(starts[k], starts[k + 1]) for k in imgs]) if imgs else np.zeros(0, int)
-    mbs.append(dict(input_ids=full_ids[sel], attention_mask=full_mask[sel], position_ids=pos[:, sel],
-                    response_mask=resp_mask[sel], advantages=adv[sel], pixel_values=pv[p_idx],
-                    masked_pixel_values=masked_pv[p_idx], image_grid_thw=grid[imgs].reshape(-1, 3)))
-  n_max = max(x["pixel_values"].shape[0] for x in mbs)
-  i_max = max(x["image_grid_thw"].shape[0] for x in mbs)
-  for x in mbs:
-    for k in ("pixel_values", "masked_pixel_values"):
-      x[k] = _pad(x[k], n_max)
-    x["image_grid_thw"] = _pad(x["image_grid_thw"], i_max).astype(np.int32)
-  stacked = {k: jnp.asarray(np.stack([x[k] for x in mbs])) for k in mbs[0]}
-  return TrainBatch(**stacked)
-
-
-ROWS = [[3, "img", 2], [4, "img", 1], [7], [2, "img", 3]]
-GRIDS = [(1, 6, 8), (1, 4, 4), (1, 8, 6)]
 
 
 def _flat(tree):
@@ -89,23 +37,25 @@ def test_fused_logprobs_equal_separate_forwards(setup):
   batch = build_batch(model, ROWS, GRIDS, micro=1)
   cfg = StepConfig(loss=LossConfig(beta=0.01, gamma=0.02))
   old, masked, ref = jax.jit(make_logprob_pass(graphdef, cfg))(params, ref_params, batch)
-  mb = jax.tree.map(lambda a: a[0], batch)
+  micro = jax.tree.map(lambda a: a[0], batch)
 
-  def separate(p, pv):
+  def separate(p, masked):
     m = nnx.merge(graphdef, p)
-    return response_logprobs(m, mb.input_ids, mb.attention_mask, mb.position_ids, pv, mb.image_grid_thw, T, 4)
+    pv, grid = micro.images(masked)
+    return response_logprobs(m, micro.input_ids, micro.attention_mask, micro.position_ids, pv, grid, T, 4)
 
-  sep = jax.jit(separate)
-  np.testing.assert_allclose(old[0], sep(params, mb.pixel_values), atol=1e-5)
-  np.testing.assert_allclose(masked[0], sep(params, mb.masked_pixel_values), atol=1e-5)
-  np.testing.assert_allclose(ref[0], sep(ref_params, mb.pixel_values), atol=1e-5)
-  # and against full logits from the model's plain forward
-  logits = jax.jit(lambda p: nnx.merge(graphdef, p)(mb.input_ids, attention_mask=mb.attention_mask,
-                                                     pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw,
-                                                     position_ids=mb.position_ids))(params)
+  sep = jax.jit(separate, static_argnums=1)
+  np.testing.assert_allclose(old[0], sep(params, False), atol=1e-5)
+  np.testing.assert_allclose(masked[0], sep(params, True), atol=1e-5)
+  np.testing.assert_allclose(ref[0], sep(ref_params, False), atol=1e-5)
+  # and against full logits from the model's plain forward, on the rows' images in row order
+  ids_np, _, pv_np, grid_np = H.make_batch(ROWS, GRIDS, seed=0, patch=model.config.vision.patch_size)
+  logits = jax.jit(lambda p: nnx.merge(graphdef, p)(micro.input_ids, attention_mask=micro.attention_mask,
+                                                     pixel_values=jnp.asarray(pv_np),
+                                                     image_grid_thw=jnp.asarray(grid_np)))(params)
   lp_full = jax.nn.log_softmax(logits[:, -T - 1:-1].astype(jnp.float32))
-  lp_full = jnp.take_along_axis(lp_full, mb.input_ids[:, -T:, None], -1)[..., 0]
-  valid = np.asarray(mb.response_mask, bool)
+  lp_full = jnp.take_along_axis(lp_full, micro.input_ids[:, -T:, None], -1)[..., 0]
+  valid = np.asarray(micro.response_mask, bool)
   np.testing.assert_allclose(np.asarray(old[0])[valid], np.asarray(lp_full)[valid], atol=1e-5)
   assert np.abs(np.asarray(masked[0]) - np.asarray(old[0]))[valid].max() > 1e-4  # pixels matter
 
@@ -144,13 +94,18 @@ def test_mask_grad_false_gradient_ignores_eta_mask(setup):
 
 
 def test_perception_kl_term_matches_finite_difference_of_gamma(setup):
-  """d(grad)/d(gamma) equals -grad of the perception-KL token mean (sign and scale of the term)."""
+  """The gradient is linear in gamma (the perception KL's coefficient); gamma is a runtime
+  scalar, so one compiled grad function serves every value."""
   model, graphdef, params, ref_params = setup
   batch = build_batch(model, ROWS, GRIDS, micro=1, seed=5)
-  g_a, _, m_a = _grads(graphdef, params, ref_params, batch, gamma=0.1)
-  g_b, _, _ = _grads(graphdef, params, ref_params, batch, gamma=0.3)
-  g_0, _, _ = _grads(graphdef, params, ref_params, batch, gamma=0.2)
+  cfg = StepConfig(loss=LossConfig(gamma=0.2), logprob_chunk=4)
+  grad_fn = jax.jit(make_grad_fn(graphdef, cfg))
+  run = lambda gamma: grad_fn(params, ref_params, batch, jnp.float32(gamma))
+  (g_a, _, m_a), (g_0, _, _), (g_b, _, _) = run(0.1), run(0.2), run(0.3)
+  assert grad_fn._cache_size() == 1
+  g_a, g_0, g_b = _flat(g_a), _flat(g_0), _flat(g_b)
   np.testing.assert_allclose(g_b - g_0, g_0 - g_a, atol=1e-6, rtol=1e-3)  # linear in gamma
+  assert np.linalg.norm(g_b - g_a) > 1e-3 * np.linalg.norm(g_0)           # and gamma matters
   assert float(m_a["actor/kl_prcp"]) > 0
 
 

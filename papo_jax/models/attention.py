@@ -168,8 +168,32 @@ def segment_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, seg_BxL, *, scale: float,
     return splash_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, seg_BxL, seg_BxL, scale=scale, kind="full", block=block)
   if backend not in ("xla", "cudnn"):
     raise ValueError(f"unknown attention backend {backend!r}")
+  if backend == "xla" and q_BxLxHxD.shape[1] > block:
+    return query_chunked_segment_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, seg_BxL, scale=scale, chunk=block)
   mask = seg_BxL[:, :, None] == seg_BxL[:, None, :]
   return _masked(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask, scale, backend)
+
+
+def query_chunked_segment_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, seg_BxL, *, scale: float, chunk: int):
+  """:func:`segment_attention` on XLA with memory bounded by ``chunk`` queries at a time.
+
+  Queries are cut into chunks that each attend to all keys (scores [B, H, chunk, L], never
+  [B, H, L, L]); each chunk is rematerialised in the backward pass, so only one chunk's
+  scores are live at once in either direction. Padded queries get segment -1 and are dropped.
+  """
+  b, l, h, d = q_BxLxHxD.shape
+  n = -(-l // chunk)
+  pad = n * chunk - l
+  q = jnp.pad(q_BxLxHxD, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, h, d).swapaxes(0, 1)
+  seg_q = jnp.pad(seg_BxL, ((0, 0), (0, pad)), constant_values=-1).reshape(b, n, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(q_BxCxHxD, seg_BxC):
+    mask_BxCxL = seg_BxC[:, :, None] == seg_BxL[:, None, :]
+    return softmax_attention(q_BxCxHxD, k_BxLxHxD, v_BxLxHxD, mask_BxCxL, scale)
+
+  out = jax.lax.map(lambda xs: one(*xs), (q, seg_q))                 # [n, B, chunk, H, D]
+  return out.swapaxes(0, 1).reshape(b, n * chunk, h, d)[:, :l]
 
 
 def _masked(q, k, v, mask_BxLxS, scale, backend):

@@ -80,3 +80,63 @@ def softmax_attention(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
   out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxD)
   return out.reshape(b, l, h, d)
+
+
+# -- rematerialisation ----------------------------------------------------------------------
+
+# Policy names accepted by ``ModelConfig.remat`` -> what the backward pass may keep from the
+# forward of one decoder layer / vision block (None: keep nothing, recompute the whole block).
+REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def resolve_remat(remat) -> tuple[str, str]:
+  """``ModelConfig.remat`` -> (decoder-layer policy, vision-block policy), each ``none`` or a
+  key of :data:`REMAT_POLICIES`.
+
+  Accepted: ``True``/``False`` (``full``/``none`` for both, as before), one policy name for
+  both (``"dots_saveable"``), or ``"text=<policy>,vision=<policy>"`` (either part may be
+  omitted; an omitted part is ``none``).
+  """
+  if remat is None or remat is False:
+    return "none", "none"
+  if remat is True:
+    return "full", "full"
+  if not isinstance(remat, str):
+    raise ValueError(f"model.remat: expected a bool or a policy string, got {remat!r}")
+  known = ("none",) + tuple(REMAT_POLICIES)
+  if "=" not in remat:
+    parts = {"text": remat.strip(), "vision": remat.strip()}
+  else:
+    parts = {"text": "none", "vision": "none"}
+    for item in remat.split(","):
+      key, _, value = item.partition("=")
+      if key.strip() not in parts:
+        raise ValueError(f"model.remat: {key.strip()!r} in {remat!r} is not 'text' or 'vision'")
+      parts[key.strip()] = value.strip()
+  for key, value in parts.items():
+    if value not in known:
+      raise ValueError(f"model.remat: {key} policy {value!r} is not one of {', '.join(known)}")
+  return parts["text"], parts["vision"]
+
+
+def remat_call(policy: str, fn, module: nnx.Module, *args):
+  """``fn(module, *args)``, rematerialised in the backward pass under ``policy``.
+
+  A functional checkpoint: the module is split into (graphdef, state) and merged again
+  inside ``jax.checkpoint``, so it works wherever the module itself was merged inside
+  traced code (a ``lax.scan``/``lax.map`` body, ``eval_shape``). ``args`` are pytrees of
+  arrays; anything else ``fn`` needs is closed over. ``fn`` must not mutate the module.
+  """
+  if policy == "none":
+    return fn(module, *args)
+  graphdef, state = nnx.split(module)
+
+  def pure(state_, *args_):
+    return fn(nnx.merge(graphdef, state_), *args_)
+
+  return jax.checkpoint(pure, policy=REMAT_POLICIES[policy])(state, *args)

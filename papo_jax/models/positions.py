@@ -80,3 +80,22 @@ def check_image_tokens(input_ids_BxL, image_grid_thw_Ix3, *, image_token_id: int
         f"{n_feats} merged features (sum of t*h*w/{spatial_merge_size ** 2}). Each image needs exactly "
         f"t*h*w/{spatial_merge_size ** 2} <|image_pad|> tokens; was the prompt truncated, or were image "
         f"placeholders expanded with a different processor config?")
+
+
+def shared_positions(input_ids_BxL, images, attention_mask_BxL, *, image_token_id: int, spatial_merge_size: int = 2):
+  """:func:`get_rope_index` for a :class:`~papo_jax.models.vision.SharedImages` batch.
+
+  Row b (in shard s = b // (B / S)) reads the grids of its shard from ``row_image_start_B[b]``
+  on; its image tokens consume only its own images, so the grids after them are never read.
+  """
+  b = input_ids_BxL.shape[0]
+  grid_SxIx3 = images.image_grid_thw_SxIx3
+  s, n_img = grid_SxIx3.shape[:2]
+  shard_B = jnp.arange(b) // (b // s)
+  take = jnp.clip(images.row_image_start_B[:, None] + jnp.arange(n_img)[None], 0, n_img - 1)
+  grid_BxIx3 = grid_SxIx3[shard_B[:, None], take]
+  mask = jnp.ones_like(input_ids_BxL) if attention_mask_BxL is None else attention_mask_BxL
+  one = lambda ids, m, g: get_rope_index(ids[None], g, m[None], image_token_id=image_token_id,
+                                         spatial_merge_size=spatial_merge_size)
+  pos, deltas = jax.vmap(one)(input_ids_BxL, mask, grid_BxIx3)      # [B, 3, 1, L], [B, 1, 1]
+  return jnp.moveaxis(pos[:, :, 0], 0, 1), deltas[:, 0]

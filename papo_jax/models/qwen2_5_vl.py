@@ -20,9 +20,9 @@ from flax import nnx
 
 from papo_jax.models.attention import causal_attention, decode_attention, resolve_backend
 from papo_jax.models.config import ModelConfig, TextConfig
-from papo_jax.models.layers import Dense, RMSNorm, apply_rope, softmax_attention
-from papo_jax.models.positions import check_image_tokens, get_rope_index
-from papo_jax.models.vision import VisionTower
+from papo_jax.models.layers import Dense, RMSNorm, apply_rope, remat_call, resolve_remat, softmax_attention
+from papo_jax.models.positions import check_image_tokens, get_rope_index, shared_positions
+from papo_jax.models.vision import SharedImages, VisionTower, encode_shards, gather_shard_rows, shared_image_index
 from papo_jax.parallel import constrain
 
 
@@ -171,7 +171,8 @@ class Qwen25VL(nnx.Module):
     dtype, pdtype = _dtype(config.dtype), _dtype(config.param_dtype)
     self.config = config
     backend = resolve_backend(config.attention)
-    self.visual = self.vision_tower_cls(config.vision, dtype=dtype, param_dtype=pdtype, remat=config.remat,
+    self.remat_text, remat_vision = resolve_remat(config.remat)
+    self.visual = self.vision_tower_cls(config.vision, dtype=dtype, param_dtype=pdtype, remat=remat_vision,
                                         rngs=rngs, backend=backend, block=config.attention_block,
                                         max_image_patches=config.max_image_patches)
     self.model = TextModel(config.text, dtype=dtype, param_dtype=pdtype, rngs=rngs, backend=backend,
@@ -186,11 +187,21 @@ class Qwen25VL(nnx.Module):
   # -- pieces ---------------------------------------------------------------------------
 
   def embed(self, input_ids_BxL, pixel_values_NxP=None, image_grid_thw_Ix3=None):
-    """Token embeddings with image features scattered into the ``<|image_pad|>`` positions."""
+    """Token embeddings with image features scattered into the ``<|image_pad|>`` positions.
+
+    ``pixel_values_NxP`` may be a :class:`SharedImages` (each distinct image once per batch
+    shard; ``image_grid_thw_Ix3`` is then unused).
+    """
     cfg = self.config
     x = self.model.embed_tokens(input_ids_BxL).astype(self.dtype)
     if pixel_values_NxP is None:
       return x
+    if isinstance(pixel_values_NxP, SharedImages):
+      feats_SxKxD = encode_shards(self.visual, pixel_values_NxP)
+      idx_BxL = shared_image_index(input_ids_BxL, pixel_values_NxP, image_token_id=cfg.image_token_id,
+                                   merge=cfg.vision.spatial_merge_size)
+      is_img = input_ids_BxL == cfg.image_token_id
+      return jnp.where(is_img[..., None], gather_shard_rows(feats_SxKxD.astype(x.dtype), idx_BxL), x)
     if not isinstance(input_ids_BxL, jax.core.Tracer) and not isinstance(image_grid_thw_Ix3, jax.core.Tracer):
       check_image_tokens(input_ids_BxL, image_grid_thw_Ix3, image_token_id=cfg.image_token_id,
                          spatial_merge_size=cfg.vision.spatial_merge_size)
@@ -200,7 +211,14 @@ class Qwen25VL(nnx.Module):
     return jnp.where(is_img[..., None], feats[idx], x)
 
   def positions(self, input_ids_BxL, image_grid_thw_Ix3=None, attention_mask_BxL=None):
-    """(position_ids [3, B, L], rope_deltas [B, 1]) as transformers' get_rope_index."""
+    """(position_ids [3, B, L], rope_deltas [B, 1]) as transformers' get_rope_index.
+
+    ``image_grid_thw_Ix3`` may be a :class:`SharedImages`: each row then reads its own images.
+    """
+    if isinstance(image_grid_thw_Ix3, SharedImages):
+      return shared_positions(input_ids_BxL, image_grid_thw_Ix3, attention_mask_BxL,
+                              image_token_id=self.config.image_token_id,
+                              spatial_merge_size=self.config.vision.spatial_merge_size)
     return get_rope_index(input_ids_BxL, image_grid_thw_Ix3, attention_mask_BxL,
                           image_token_id=self.config.image_token_id,
                           spatial_merge_size=self.config.vision.spatial_merge_size)
@@ -216,8 +234,8 @@ class Qwen25VL(nnx.Module):
     new_k, new_v = [], []
     for i, layer in enumerate(self.model.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      if self.config.remat and cache is None:
-        x, _ = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, cos, sin, mask)
+      if cache is None:
+        x, _ = remat_call(self.remat_text, lambda lyr, *a: lyr(*a), layer, x, cos, sin, mask)
       else:
         x, kv = layer(x, cos, sin, mask, kv, cache_index)
       if kv is not None:
@@ -246,7 +264,8 @@ class Qwen25VL(nnx.Module):
     if attention_mask_BxL is None:
       attention_mask_BxL = jnp.ones((b, l), jnp.int32)
     if position_ids_3xBxL is None:
-      position_ids_3xBxL, _ = self.positions(input_ids_BxL, image_grid_thw_Ix3, attention_mask_BxL)
+      grid = pixel_values_NxP if isinstance(pixel_values_NxP, SharedImages) else image_grid_thw_Ix3
+      position_ids_3xBxL, _ = self.positions(input_ids_BxL, grid, attention_mask_BxL)
     x = self.embed(input_ids_BxL, pixel_values_NxP, image_grid_thw_Ix3)
     h, _ = self.decode_layers(x, position_ids_3xBxL, AttnMask(valid_BxL=attention_mask_BxL.astype(bool)))
     return h

@@ -29,10 +29,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from papo_jax.models.config import VisionConfig
-from papo_jax.models.layers import Dense, param
+from papo_jax.models.layers import Dense, param, remat_call, resolve_remat
 from papo_jax.models.positions import check_image_tokens, image_token_layout
 from papo_jax.models.qwen2_5_vl import Qwen25VL
-from papo_jax.models.vision import AttentionLayout, VisionAttention, check_image_patches, vision_rope
+from papo_jax.models.vision import (AttentionLayout, SharedImages, VisionBlock, check_image_patches, encode_shards,
+                                    gather_shard_rows, shared_image_index, vision_rope)
 from papo_jax.parallel import constrain
 
 _ACTIVATIONS = {
@@ -154,19 +155,6 @@ class VisionMLP(nnx.Module):
     return self.linear_fc2(_activation(self.hidden_act)(self.linear_fc1(x)))
 
 
-class VisionBlock(nnx.Module):
-
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs, backend: str = "xla", block: int = 512):
-    self.norm1 = LayerNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
-    self.norm2 = LayerNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
-    self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend, block=block)
-    self.mlp = VisionMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x, cos, sin, layout: AttentionLayout):
-    x = x + self.attn(self.norm1(x), cos, sin, layout)
-    return x + self.mlp(self.norm2(x))
-
-
 class PatchMerger(nnx.Module):
   """2x2 patch shuffle + MLP; LayerNorm before the shuffle (main merger) or after it (DeepStack)."""
 
@@ -190,20 +178,20 @@ class PatchMerger(nnx.Module):
 class VisionTower(nnx.Module):
   """Qwen3VLVisionModel. Same constructor as the Qwen2.5-VL tower; returns DeepStack features too."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool = False, rngs: nnx.Rngs,
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool | str = "none", rngs: nnx.Rngs,
                backend: str = "xla", block: int = 512, max_image_patches: int = 0):
     self.cfg = cfg
     self.max_image_patches = max_image_patches
     self.patch_embed = PatchEmbed(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.pos_embed = PositionTable(cfg, param_dtype=param_dtype, rngs=rngs)
     self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend,
-                                        block=block) for _ in range(cfg.depth)])
+                                        block=block, norm=LayerNorm, mlp=VisionMLP) for _ in range(cfg.depth)])
     self.merger = PatchMerger(cfg, postshuffle_norm=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.deepstack_merger_list = nnx.List([
         PatchMerger(cfg, postshuffle_norm=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         for _ in cfg.deepstack_visual_indexes])
     self.dtype = dtype
-    self.remat = remat
+    self.remat = resolve_remat(remat)[1] if isinstance(remat, bool) else remat   # a policy name
 
   def __call__(self, pixel_values_NxP: jax.Array, image_grid_thw_Ix3: jax.Array):
     """Returns (merged features [N // 4, out], DeepStack features [K, N // 4, out]), raster order per image.
@@ -227,10 +215,7 @@ class VisionTower(nnx.Module):
     x = constrain(x, ("patch", "vision_embed"))
     deepstack = []
     for i, blk in enumerate(self.blocks):
-      if self.remat:
-        x = nnx.remat(lambda b, xx, c, s: b(xx, c, s, frames))(blk, x, cos, sin)
-      else:
-        x = blk(x, cos, sin, frames)
+      x = remat_call(self.remat, lambda b, xx, c, s: b(xx, c, s, frames), blk, x, cos, sin)
       if i in cfg.deepstack_visual_indexes:
         deepstack.append(self.deepstack_merger_list[cfg.deepstack_visual_indexes.index(i)](x))
     merged = self.merger(x)
@@ -245,8 +230,9 @@ class DeepStackEmbeds(NamedTuple):
   """Decoder input when images are present.
 
   x_BxLxD: token embeddings with the merged image features at the ``<|image_pad|>`` positions.
-  deepstack_KxMxD: DeepStack features of the M merged image tokens (all images, in order).
-  visual_index_BxL: which of the M rows each position takes (meaningful where visual_mask_BxL).
+  deepstack_KxMxD: DeepStack features of the M merged image tokens (all images, in order);
+    [K, S, M, D] per batch shard for :class:`SharedImages` (rows split into S shards).
+  visual_index_BxL: which of the M rows (of its shard's) each position takes (meaningful where visual_mask_BxL).
   visual_mask_BxL: the ``<|image_pad|>`` positions.
   """
   x_BxLxD: jax.Array
@@ -265,6 +251,14 @@ class Qwen3VL(Qwen25VL):
     if pixel_values_NxP is None:
       return super().embed(input_ids_BxL)
     cfg = self.config
+    if isinstance(pixel_values_NxP, SharedImages):
+      x = self.model.embed_tokens(input_ids_BxL).astype(self.dtype)
+      feats_SxMxD, deepstack_SxKxMxD = encode_shards(self.visual, pixel_values_NxP)
+      idx = shared_image_index(input_ids_BxL, pixel_values_NxP, image_token_id=cfg.image_token_id,
+                               merge=cfg.vision.spatial_merge_size)
+      is_img = input_ids_BxL == cfg.image_token_id
+      x = jnp.where(is_img[..., None], gather_shard_rows(feats_SxMxD.astype(x.dtype), idx), x)
+      return DeepStackEmbeds(x, jnp.moveaxis(deepstack_SxKxMxD, 1, 0).astype(x.dtype), idx, is_img)
     if not isinstance(input_ids_BxL, jax.core.Tracer) and not isinstance(image_grid_thw_Ix3, jax.core.Tracer):
       check_image_tokens(input_ids_BxL, image_grid_thw_Ix3, image_token_id=cfg.image_token_id,
                          spatial_merge_size=cfg.vision.spatial_merge_size)
@@ -284,7 +278,11 @@ class Qwen3VL(Qwen25VL):
 
     def add_deepstack(i, h_BxLxD):
       if i < k:
-        feats_BxLxD = emb.deepstack_KxMxD[i].astype(h_BxLxD.dtype)[emb.visual_index_BxL]
+        feats = emb.deepstack_KxMxD[i].astype(h_BxLxD.dtype)
+        if feats.ndim == 3:   # per batch shard
+          feats_BxLxD = gather_shard_rows(feats, emb.visual_index_BxL)
+        else:
+          feats_BxLxD = feats[emb.visual_index_BxL]
         h_BxLxD = jnp.where(emb.visual_mask_BxL[..., None], h_BxLxD + feats_BxLxD, h_BxLxD)
       return h_BxLxD if after_layer is None else after_layer(i, h_BxLxD)
 

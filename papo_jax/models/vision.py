@@ -14,6 +14,8 @@ neighbouring windows, full layers per image padded to ``max_image_patches``
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,9 +23,67 @@ from flax import nnx
 
 from papo_jax.models.config import VisionConfig
 from papo_jax.models.attention import segment_attention, window_attention
-from papo_jax.models.layers import Dense, RMSNorm, apply_rope
+from papo_jax.models.layers import Dense, RMSNorm, apply_rope, remat_call, resolve_remat
 from papo_jax.models.positions import image_token_layout
-from papo_jax.parallel import constrain
+from papo_jax.parallel import constrain, use_mesh_rules
+
+
+class SharedImages(NamedTuple):
+  """The images of a batch of B rows laid out per batch shard, each distinct image once.
+
+  Rows are split into S contiguous shards of B / S rows (the batch mesh axes' split), and
+  shard s holds the distinct images of its rows only, so each device encodes its own rows'
+  images, and the n samples of a prompt (rows sharing an image) share one encoding.
+
+  pixel_values_SxNxP: shard s's distinct images' patch rows (processor order, zero padded);
+  image_grid_thw_SxIx3: their grids (zero rows pad); row_image_start_B: which of its
+  shard's images is row b's first (a row's images are consecutive; rows without images
+  have no image tokens, so theirs is never read).
+  """
+  pixel_values_SxNxP: jax.Array
+  image_grid_thw_SxIx3: jax.Array
+  row_image_start_B: jax.Array
+
+
+def shared_image_index(input_ids_BxL, images: SharedImages, *, image_token_id: int, merge: int) -> jax.Array:
+  """For each position, the row of its shard's merged image features it takes ([B, L] int32)."""
+  n_SxI, *_ = jax.vmap(lambda g: image_token_layout(g, merge))(images.image_grid_thw_SxIx3)
+  starts_SxI = jnp.cumsum(n_SxI, axis=1) - n_SxI
+  b = input_ids_BxL.shape[0]
+  s = n_SxI.shape[0]
+  shard_B = jnp.arange(b) // (b // s)
+  first_B = starts_SxI[shard_B, images.row_image_start_B]
+  is_img = input_ids_BxL == image_token_id
+  return first_B[:, None] + jnp.cumsum(is_img, axis=1) - 1
+
+
+def gather_shard_rows(feats_SxKxD: jax.Array, index_BxL: jax.Array) -> jax.Array:
+  """[B, L, D]: position (b, l) takes ``feats[b // (B / S), index[b, l]]`` (clipped).
+
+  Gathered per shard (vmap), so with rows and shards split over the same devices the
+  gather stays local; its gradient scatters back onto the shared encodings.
+  """
+  s, k, _ = feats_SxKxD.shape
+  b, l = index_BxL.shape
+  idx = jnp.clip(index_BxL, 0, k - 1).reshape(s, b // s, l)
+  out = jax.vmap(lambda f_KxD, i_bxL: f_KxD[i_bxL])(feats_SxKxD, idx)
+  return out.reshape(b, l, -1)
+
+
+def encode_shards(tower, images: SharedImages):
+  """Runs the vision tower on each shard's images: the tower's outputs with a leading S axis.
+
+  The shard axis is pinned to the batch mesh axes; inside, the tower runs unconstrained
+  (its per-shard layout is a vmap away from the batch axes, and XLA propagates the shard
+  split through it), so each device encodes only its own shards.
+  """
+  pv = constrain(images.pixel_values_SxNxP, ("batch", None, None))
+  grid = images.image_grid_thw_SxIx3
+  if not isinstance(grid, jax.core.Tracer):
+    check_image_patches(np.asarray(grid).reshape(-1, 3), min(tower.max_image_patches, pv.shape[1]))
+  with use_mesh_rules(None):
+    out = jax.vmap(tower)(pv, grid)
+  return jax.tree.map(lambda a: constrain(a, ("batch",) + (None,) * (a.ndim - 1)), out)
 
 
 def vision_layout(grid_thw_Ix3: jax.Array, num_patches: int, merge: int, window: int):
@@ -159,12 +219,15 @@ class VisionMLP(nnx.Module):
 
 
 class VisionBlock(nnx.Module):
+  """Pre-norm attention + MLP. ``norm`` and ``mlp`` build the parts that differ between
+  families (Qwen2.5-VL: RMSNorm and a gated SiLU MLP; Qwen3-VL: LayerNorm and a plain MLP)."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs, backend: str = "xla", block: int = 512):
-    self.norm1 = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
-    self.norm2 = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs, backend: str = "xla", block: int = 512,
+               norm=RMSNorm, mlp=None):
+    self.norm1 = norm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
+    self.norm2 = norm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
     self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend, block=block)
-    self.mlp = VisionMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = (mlp or VisionMLP)(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x, cos, sin, layout: AttentionLayout):
     x = x + self.attn(self.norm1(x), cos, sin, layout)
@@ -199,7 +262,7 @@ class PatchEmbed(nnx.Module):
 
 class VisionTower(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool = False, rngs: nnx.Rngs,
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool | str = "none", rngs: nnx.Rngs,
                backend: str = "xla", block: int = 512, max_image_patches: int = 0):
     self.cfg = cfg
     self.max_image_patches = max_image_patches
@@ -208,7 +271,7 @@ class VisionTower(nnx.Module):
                                         block=block) for _ in range(cfg.depth)])
     self.merger = PatchMerger(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dtype = dtype
-    self.remat = remat
+    self.remat = resolve_remat(remat)[1] if isinstance(remat, bool) else remat   # a policy name
 
   def __call__(self, pixel_values_NxP: jax.Array, image_grid_thw_Ix3: jax.Array) -> jax.Array:
     """Returns merged image features [N // 4, out_hidden_size] in raster order per image.
@@ -234,9 +297,6 @@ class VisionTower(nnx.Module):
     x = constrain(x, ("patch", "vision_embed"))
     for i, block in enumerate(self.blocks):
       layout = frames if i in cfg.fullatt_block_indexes else windows
-      if self.remat:
-        x = nnx.remat(lambda blk, xx, c, s: blk(xx, c, s, layout))(block, x, cos, sin)
-      else:
-        x = block(x, cos, sin, layout)
+      x = remat_call(self.remat, lambda blk, xx, c, s: blk(xx, c, s, layout), block, x, cos, sin)
     merged = self.merger(x)
     return merged[lay["rank_K"]]

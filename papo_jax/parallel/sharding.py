@@ -37,6 +37,22 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def make_rules(overrides: Iterable[tuple[str, Any]] | None = None,
+               base: tuple[tuple[str, Any], ...] = DEFAULT_RULES) -> tuple[tuple[str, Any], ...]:
+  """Sharding rules from a config: ``base`` (today's :data:`DEFAULT_RULES`) with each
+  ``(logical name, mesh axis | tuple of axes | None)`` of ``overrides`` replacing or adding
+  its entry. Pass the result as ``rules`` to :func:`shard_state` / :func:`use_mesh_rules`."""
+  table = dict(base)
+  for name, axes in overrides or ():
+    if isinstance(axes, list):
+      axes = tuple(axes)
+    for a in (axes,) if isinstance(axes, str) else (axes or ()):
+      if a not in MESH_AXES:
+        raise ValueError(f"mesh.rules: {name!r} maps to {a!r}, not one of {MESH_AXES}")
+    table[name] = axes
+  return tuple(table.items())
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
   """Builds the ('data', 'fsdp', 'tensor') mesh; one size may be -1 (all remaining devices)."""
   devices = list(jax.devices() if devices is None else devices)
@@ -53,6 +69,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
         f"mesh: data*fsdp*tensor = {sizes[0]}*{sizes[1]}*{sizes[2]} = {math.prod(sizes)} "
         f"but {len(devices)} devices are present")
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def batch_shards(mesh: Mesh | None, rules=DEFAULT_RULES) -> int:
+  """How many ways the ``batch`` logical axis splits on ``mesh`` (1 without a mesh): the
+  ``shards`` of :func:`papo_jax.rl.batching.assemble_train_batch`."""
+  if mesh is None:
+    return 1
+  axes = _rules_dict(rules).get("batch")
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(mesh.shape[a] for a in axes)
 
 
 def _rules_dict(rules: Iterable[tuple[str, Any]]) -> dict[str, Any]:

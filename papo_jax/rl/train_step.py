@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from papo_jax.models.vision import SharedImages
 from papo_jax.rl.losses import LossConfig, papo_loss
 
 Array = jax.Array
@@ -42,22 +43,42 @@ class TrainBatch:
 
   input_ids_MxBxL: prompt ⊕ response tokens; attention_mask_MxBxL; position_ids_Mx3xBxL
   (from the model's get_rope_index, shared by the masked copy); response_mask_MxBxT
-  (1 up to and including EOS); advantages_MxB; pixel_values_MxNxP and
-  masked_pixel_values_MxNxP (zero-padded patch buckets), image_grid_thw_MxIx3.
-  Optional precomputed log-probs [M, B, T] (several mini-batches per step):
-  old_logp, mask_logp, ref_logp.
+  (1 up to and including EOS); advantages_MxB. Optional precomputed log-probs [M, B, T]
+  (several mini-batches per step): old_logp, mask_logp, ref_logp.
+
+  Images come in one of two layouts:
+
+  * per batch shard (``row_image_start`` set; :func:`papo_jax.rl.batching.assemble_train_batch`):
+    each micro-batch's B rows are split into S contiguous shards (S = the batch mesh axes'
+    size) and shard s carries the *distinct* images of its rows once:
+    pixel_values / masked_pixel_values [M, S, N, P], image_grid_thw [M, S, I, 3],
+    row_image_start [M, B] (which of its shard's images is the row's first). Shard the S
+    axis like the rows (``(None, "batch")``): each device encodes only its rows' images.
+  * one list per micro-batch (``row_image_start`` None): pixel_values / masked_pixel_values
+    [M, N, P] (every row's images in row order, zero-padded), image_grid_thw [M, I, 3].
   """
   input_ids: Array
   attention_mask: Array
   response_mask: Array
   advantages: Array
-  position_ids: Array | None = None   # None: computed in the step from ids, grid and mask
+  position_ids: Array | None = None   # None: computed in the step from ids, images and mask
   pixel_values: Array | None = None
   masked_pixel_values: Array | None = None
   image_grid_thw: Array | None = None
+  row_image_start: Array | None = None
   old_logp: Array | None = None
   mask_logp: Array | None = None
   ref_logp: Array | None = None
+
+  def images(self, masked: bool = False):
+    """(pixels, grid) as the model takes them: a :class:`SharedImages` and None in the
+    per-shard layout, else the patch list and its grids; (None, None) without images."""
+    pv = self.masked_pixel_values if masked else self.pixel_values
+    if pv is None:
+      return None, None
+    if self.row_image_start is not None:
+      return SharedImages(pv, self.image_grid_thw, self.row_image_start), None
+    return pv, self.image_grid_thw
 
 
 @flax.struct.dataclass
@@ -67,17 +88,22 @@ class TrainState:
   opt_state: Any
 
 
+def needs_masked_images(gamma: float, eta_mask: float) -> bool:
+  """The one rule: masked-image log-probs enter the loss iff the perception KL (gamma) or the
+  masked entropy (eta_mask) is on. Masking in the data pipeline must follow it too."""
+  return gamma != 0.0 or eta_mask != 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """Static switches of the step (hashable)."""
+  """Static switches of the step (hashable). Gradient clipping lives in :func:`make_optimizer`."""
   loss: LossConfig
   mask_grad: bool = False        # True: gradient also flows through the masked path ("true double entropy")
   logprob_chunk: int = 256       # response tokens per log-prob chunk
-  grad_clip: float = 1.0
 
   @property
   def needs_mask(self) -> bool:
-    return self.loss.gamma != 0.0 or self.loss.eta_mask != 0.0
+    return needs_masked_images(self.loss.gamma, self.loss.eta_mask)
 
   @property
   def needs_ref(self) -> bool:
@@ -102,10 +128,9 @@ def response_logprobs(model, input_ids_BxL, attention_mask_BxL, position_ids_3xB
                       response_len: int, chunk: int) -> Array:
   """log p(response token) [B, T] float32; logits are formed ``chunk`` tokens at a time.
 
-  The hidden state at position Lp + t - 1 predicts response token t.
+  The hidden state at position Lp + t - 1 predicts response token t. ``pixel_values`` may be
+  a :class:`SharedImages` (``image_grid_thw`` None); position ids None are computed.
   """
-  if position_ids_3xBxL is None:
-    position_ids_3xBxL, _ = model.positions(input_ids_BxL, image_grid_thw, attention_mask_BxL)
   hidden = model.hidden_states(input_ids_BxL, attention_mask_BxL, pixel_values, image_grid_thw, position_ids_3xBxL)
   l = input_ids_BxL.shape[1]
   h_BxTxD = hidden[:, l - response_len - 1:l - 1]
@@ -133,49 +158,89 @@ def chunked_token_logprobs(model, h_BxTxD: Array, targets_BxT: Array, chunk: int
   return lp.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
 
 
-def _concat_masked(model, mb: TrainBatch):
-  """[original ; masked] along the batch axis: same tokens/positions, masked pixels second."""
+def stack_patch_lists(pixel_values_NxP, masked_pixel_values_NxP, n_real):
+  """One patch list for the batch [original rows ; masked rows] (per-micro-batch layout).
+
+  The vision tower takes all real patches first and bucket padding last, so the result is
+  ``[original real | masked real | original padding | masked padding]`` ([2N, P]), where
+  the first ``n_real`` rows of each input are real.
+  """
+  n = pixel_values_NxP.shape[0]
+  i = jnp.arange(2 * n)
+  j = i - 2 * n_real                                   # position within the padding part
+  src = jnp.where(i < n_real, i,                       # original real
+                  jnp.where(i < 2 * n_real, n + i - n_real,   # masked real
+                            jnp.where(j < n - n_real, n_real + j,   # original padding
+                                      n + n_real + j - (n - n_real))))  # masked padding
+  return jnp.concatenate([pixel_values_NxP, masked_pixel_values_NxP], 0)[src]
+
+
+def with_masked_copy(model, micro: TrainBatch):
+  """(ids, mask, positions, pixels, grid) of the batch [original ; masked]: same tokens and
+  positions, masked pixels in the second half."""
   cat = lambda a, axis=0: jnp.concatenate([a, a], axis=axis)
-  pv = grid = None
-  if mb.pixel_values is not None:
-    grid = cat(mb.image_grid_thw)
-    # The vision tower expects all real patches first and bucket padding last, so the
-    # masked copy's real patches are moved up against the original's.
-    n = mb.pixel_values.shape[0]
-    n_real = jnp.sum(jnp.prod(mb.image_grid_thw, axis=-1))
-    i = jnp.arange(2 * n)
-    j = i - 2 * n_real
-    src = jnp.where(i < n_real, i,
-                    jnp.where(i < 2 * n_real, n + i - n_real,
-                              jnp.where(j < n - n_real, n_real + j, n + n_real + j - (n - n_real))))
-    pv = jnp.concatenate([mb.pixel_values, mb.masked_pixel_values], 0)[src]
-  pos = mb.position_ids
+  pos = micro.position_ids
   if pos is None:  # the masked copy shares the original's positions
-    pos = model.positions(mb.input_ids, mb.image_grid_thw, mb.attention_mask)[0]
-  return cat(mb.input_ids), cat(mb.attention_mask), cat(pos, 1), pv, grid
+    pos = model.positions(micro.input_ids, micro.images()[0] if micro.row_image_start is not None
+                          else micro.image_grid_thw, micro.attention_mask)[0]
+  pv = grid = None
+  if micro.pixel_values is not None and micro.row_image_start is not None:
+    # Per-shard layout: the masked rows form S more shards after the original S.
+    pv = SharedImages(jnp.concatenate([micro.pixel_values, micro.masked_pixel_values], 0),
+                      cat(micro.image_grid_thw), cat(micro.row_image_start))
+  elif micro.pixel_values is not None:
+    n_real = jnp.sum(jnp.prod(micro.image_grid_thw, axis=-1))
+    pv = stack_patch_lists(micro.pixel_values, micro.masked_pixel_values, n_real)
+    grid = cat(micro.image_grid_thw)
+  return cat(micro.input_ids), cat(micro.attention_mask), cat(pos, 1), pv, grid
 
 
 def _micro(batch: TrainBatch, i):
   return jax.tree.map(lambda a: a[i], batch)
 
 
-def micro_logprobs(cfg: StepConfig, model, mb: TrainBatch, *, with_mask: bool) -> tuple[Array, Array | None]:
+def micro_logprobs(cfg: StepConfig, model, micro: TrainBatch, *, with_mask: bool) -> tuple[Array, Array | None]:
   """Policy log-probs on the original (and, if asked, masked) inputs of one micro-batch."""
-  t = mb.response_mask.shape[-1]
+  t = micro.response_mask.shape[-1]
   if with_mask:
-    ids, am, pos, pv, grid = _concat_masked(model, mb)
+    ids, am, pos, pv, grid = with_masked_copy(model, micro)
     lp_both = response_logprobs(model, ids, am, pos, pv, grid, t, cfg.logprob_chunk)
-    b = mb.input_ids.shape[0]
+    b = micro.input_ids.shape[0]
     return lp_both[:b], lp_both[b:]
-  lp = response_logprobs(model, mb.input_ids, mb.attention_mask, mb.position_ids, mb.pixel_values,
-                         mb.image_grid_thw, t, cfg.logprob_chunk)
+  pv, grid = micro.images()
+  lp = response_logprobs(model, micro.input_ids, micro.attention_mask, micro.position_ids, pv, grid, t,
+                         cfg.logprob_chunk)
   return lp, None
 
 
-def masked_logprobs(cfg: StepConfig, model, mb: TrainBatch) -> Array:
+def masked_image_logp(cfg: StepConfig, model, micro: TrainBatch) -> Array:
   """Policy log-probs on the masked images (same tokens and positions as the original)."""
-  return response_logprobs(model, mb.input_ids, mb.attention_mask, mb.position_ids, mb.masked_pixel_values,
-                           mb.image_grid_thw, mb.response_mask.shape[-1], cfg.logprob_chunk)
+  pv, grid = micro.images(masked=True)
+  return response_logprobs(model, micro.input_ids, micro.attention_mask, micro.position_ids, pv, grid,
+                           micro.response_mask.shape[-1], cfg.logprob_chunk)
+
+
+# The masked path, decided once (``masked_path``), when ``cfg.needs_mask``:
+#
+#   mask_grad | micro.mask_logp | masked log-probs come from
+#   ----------+-----------------+---------------------------------------------------------------
+#   False     | given           | the batch (precomputed by the log-prob pass): no forward
+#   False     | None            | a forward-only pass outside the differentiated function, so the
+#             |                 | backward runs on the original half alone (the paper: PAPO costs
+#             |                 | one extra forward over GRPO)
+#   True      | either          | the policy on [original ; masked] inside the differentiated
+#             |                 | function: the gradient flows through both halves
+#
+# Without ``needs_mask`` there is no masked path (GRPO): masked pixels are never read.
+
+
+def masked_path(cfg: StepConfig, micro: TrainBatch) -> str:
+  """``none`` | ``given`` | ``forward`` | ``joint`` (the table above)."""
+  if not cfg.needs_mask:
+    return "none"
+  if cfg.mask_grad:
+    return "joint"
+  return "given" if micro.mask_logp is not None else "forward"
 
 
 # -- the step -------------------------------------------------------------------------------
@@ -189,23 +254,21 @@ def make_grad_fn(graphdef, cfg: StepConfig) -> Callable:
   'seq_mean_token_mean'), so the result equals the whole batch's.
   """
 
-  def micro_loss(params, ref_params, mb: TrainBatch, weight, gamma, entropy_scale):
+  def micro_loss(params, ref_params, micro: TrainBatch, weight, gamma, entropy_scale):
     model = nnx.merge(graphdef, params)
-    recompute_mask = cfg.needs_mask and (mb.mask_logp is None or cfg.mask_grad)
-    lp, lp_mask = micro_logprobs(cfg, model, mb, with_mask=recompute_mask)
-    if cfg.needs_mask and not recompute_mask:
-      lp_mask = mb.mask_logp
-    if lp_mask is not None and not cfg.mask_grad:
-      lp_mask = jax.lax.stop_gradient(lp_mask)
+    path = masked_path(cfg, micro)
+    lp, lp_mask = micro_logprobs(cfg, model, micro, with_mask=path == "joint")
+    if path in ("given", "forward"):
+      lp_mask = jax.lax.stop_gradient(micro.mask_logp)
     lp_ref = None
     if cfg.needs_ref:
-      if mb.ref_logp is not None:
-        lp_ref = mb.ref_logp
+      if micro.ref_logp is not None:
+        lp_ref = micro.ref_logp
       else:
         ref = nnx.merge(graphdef, ref_params)
-        lp_ref = jax.lax.stop_gradient(micro_logprobs(cfg, ref, mb, with_mask=False)[0])
-    lp_old = jax.lax.stop_gradient(lp) if mb.old_logp is None else mb.old_logp
-    loss, metrics = papo_loss(lp, lp_old, lp_ref, lp_mask, mb.advantages, mb.response_mask, cfg.loss,
+        lp_ref = jax.lax.stop_gradient(micro_logprobs(cfg, ref, micro, with_mask=False)[0])
+    lp_old = jax.lax.stop_gradient(lp) if micro.old_logp is None else micro.old_logp
+    loss, metrics = papo_loss(lp, lp_old, lp_ref, lp_mask, micro.advantages, micro.response_mask, cfg.loss,
                               gamma=gamma, entropy_scale=entropy_scale)
     return loss * weight, jax.tree.map(lambda m: m * weight, metrics)
 
@@ -221,22 +284,18 @@ def make_grad_fn(graphdef, cfg: StepConfig) -> Callable:
       share = rows.sum(-1) / jnp.maximum(rows.sum(), 1.0)
 
     def body(carry, i):
-      g_acc, l_acc, m_acc = carry
-      mb = _micro(batch, i)
-      if cfg.needs_mask and not cfg.mask_grad and mb.mask_logp is None:
-        # No gradient through the masked path: a forward-only pass outside the
-        # differentiated function, so the backward runs on the original half alone.
-        mb = mb.replace(mask_logp=jax.lax.stop_gradient(masked_logprobs(cfg, nnx.merge(graphdef, params), mb)))
-      (loss, metrics), g = value_and_grad(params, ref_params, mb, share[i], gamma, entropy_scale)
-      return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss, jax.tree.map(jnp.add, m_acc, metrics)), None
+      g_acc, l_acc = carry
+      micro = _micro(batch, i)
+      if masked_path(cfg, micro) == "forward":
+        micro = micro.replace(mask_logp=jax.lax.stop_gradient(
+            masked_image_logp(cfg, nnx.merge(graphdef, params), micro)))
+      (loss, metrics), g = value_and_grad(params, ref_params, micro, share[i], gamma, entropy_scale)
+      # Metrics leave the scan stacked per micro-batch (no initial value, so no extra trace).
+      return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss), metrics
 
-    # The metrics' structure, from an abstract evaluation (no compute).
-    metric_shape = jax.eval_shape(
-        lambda: value_and_grad(params, ref_params, _micro(batch, 0), 1.0, gamma, entropy_scale)[0][1])
-    init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
-            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shape))
-    (grads, loss, metrics), _ = jax.lax.scan(body, init, jnp.arange(batch.input_ids.shape[0]))
-    return grads, loss, metrics
+    init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+    (grads, loss), metrics_M = jax.lax.scan(body, init, jnp.arange(batch.input_ids.shape[0]))
+    return grads, loss, jax.tree.map(lambda a: jnp.sum(a, axis=0), metrics_M)
 
   return grad_fn
 
@@ -276,12 +335,12 @@ def make_logprob_pass(graphdef, cfg: StepConfig) -> Callable:
 
   def fn(params, ref_params, batch: TrainBatch):
     def one(i):
-      mb = _micro(batch, i)
+      micro = _micro(batch, i)
       model = nnx.merge(graphdef, params)
-      lp, lp_mask = micro_logprobs(cfg, model, mb, with_mask=cfg.needs_mask)
+      lp, lp_mask = micro_logprobs(cfg, model, micro, with_mask=cfg.needs_mask)
       lp_ref = None
       if cfg.needs_ref:
-        lp_ref = micro_logprobs(cfg, nnx.merge(graphdef, ref_params), mb, with_mask=False)[0]
+        lp_ref = micro_logprobs(cfg, nnx.merge(graphdef, ref_params), micro, with_mask=False)[0]
       return lp, lp_mask, lp_ref
     return jax.lax.stop_gradient(jax.lax.map(one, jnp.arange(batch.input_ids.shape[0])))
 
