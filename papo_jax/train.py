@@ -32,8 +32,8 @@ from ml_collections import config_flags
 
 from papo_jax import metrics as metrics_lib
 from papo_jax.config_base import ConfigError, optimizer, perception_terms, step_config, validate_config
-from papo_jax.parallel import (GlobalBatches, first_process_then_sync, global_train_arrays, pinned_shardings,
-                               start_distributed, to_host, use_mesh_rules)
+from papo_jax.parallel import (GlobalBatches, batch_shards, first_process_then_sync, global_train_arrays,
+                               pinned_shardings, start_distributed, to_host, use_mesh_rules)
 from papo_jax.rollouts import groups_from_batch, make_validator, repeat_answers, sample_texts
 
 FLAGS = flags.FLAGS
@@ -154,7 +154,8 @@ def update(run: Run, state, ref_params, col: Collected, gamma: float, entropy_sc
   mini, micro = c.optim.mini_batches, c.optim.mini_batches * c.optim.micro_batches
   timing, t0 = {"timing/generate": col.seconds_generating}, time.perf_counter()
   batch = TrainBatch(**global_train_arrays(
-      batching.assemble_train_batch(col.groups, micro_batches=micro, pad_id=run.pad_id), run.mesh))
+      batching.assemble_train_batch(col.groups, micro_batches=micro, pad_id=run.pad_id,
+                                     shards=batch_shards(run.mesh), pixel_dtype=c.model.dtype), run.mesh))
   t_logp = time.perf_counter()
   if run.logprob_pass is not None:   # dispatched asynchronously: background grading finishes meanwhile
     with use_mesh_rules(run.mesh):

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from papo_jax.parallel import global_train_arrays, pinned_shardings, use_mesh_rules
+from papo_jax.parallel import batch_shards, global_train_arrays, pinned_shardings, use_mesh_rules
 
 
 def format_warmup(c, run, state, mesh):
@@ -50,7 +50,8 @@ def format_warmup(c, run, state, mesh):
         resp[k, :len(ids)] = ids
         rmask[k, :len(ids)] = 1
       groups.append(batching.Group(*parts[b], responses=resp, response_mask=rmask, advantages=np.zeros(n, np.float32)))
-    arrays = batching.assemble_train_batch(groups, micro_batches=c.optim.micro_batches, pad_id=run.pad_id)
+    arrays = batching.assemble_train_batch(groups, micro_batches=c.optim.micro_batches, pad_id=run.pad_id,
+                                           shards=batch_shards(mesh), pixel_dtype=c.model.dtype)
     with use_mesh_rules(mesh):
       sft_state, m = sft(sft_state, None, TrainBatch(**global_train_arrays(arrays, mesh)))
     if (i + 1) % 10 == 0 or i == 0:

@@ -108,18 +108,17 @@ class GlobalBatches:
     return getattr(self.local, name)
 
 
-# The images of a micro-batch are consumed by the vision tower whole: replicated, not row-sharded.
-WHOLE_MICRO_BATCH_FIELDS = ("pixel_values", "masked_pixel_values", "image_grid_thw")
-
-
 def global_train_arrays(arrays: dict, mesh: Mesh) -> dict:
   """Host arrays of a TrainBatch (the same on every process) -> global device arrays.
 
-  Row-indexed fields [M, b, ...] are sharded over the batch axes; a micro-batch's images
-  ([M, N, ...]) are replicated.
+  Every field's axis 1 is sharded over the batch axes: the rows [M, b, ...] and, in the
+  per-shard image layout (``row_image_start`` present; ``assemble_train_batch(shards=
+  batch_shards(mesh))``), the images [M, S, ...] that those rows read, so each device holds
+  and encodes only its own rows' images. The older per-micro-batch image list [M, N, ...]
+  is consumed by the vision tower whole and stays replicated.
   """
-  return {k: global_array(v, mesh, None if k in WHOLE_MICRO_BATCH_FIELDS else (None, "batch"))
-          for k, v in arrays.items()}
+  whole = () if "row_image_start" in arrays else ("pixel_values", "masked_pixel_values", "image_grid_thw")
+  return {k: global_array(v, mesh, None if k in whole else (None, "batch")) for k, v in arrays.items()}
 
 
 def pinned_shardings(tree, mesh: Mesh):
