@@ -468,7 +468,15 @@ def _g(x: float) -> str:
   return f"{x / GiB:.2f}"
 
 
+def _oom(r: Report) -> bool:
+  return "compiler OOM" in r.note
+
+
 def format_report(r: Report, dev: Chip) -> str:
+  if _oom(r):
+    return (f"== {r.name}  {r.note}\n   per chip GiB: args {_g(r.argument)}  temp >= {_g(r.temp)}  resident state "
+            f"{_g(r.resident)}  = {_g(r.peak_bytes)}+ of {dev.hbm_gib:.0f}: DOES NOT FIT -> {r.hint}\n"
+            f"   model FLOPs per chip (analytic) {r.model_flops:.3e}")
   t, mfu = roofline(r, dev)
   hbm = dev.hbm_gib * GiB
   status = "fits" if fits(r, dev) else f"DOES NOT FIT -> {r.hint}"
@@ -490,6 +498,9 @@ TABLE_HEADER = ("| config | topology | program | fits | GiB/chip (HBM) | temp Gi
 
 
 def table_row(label: str, topology: str, r: Report, dev: Chip) -> str:
+  if _oom(r):
+    return (f"| {label} | {topology} | {r.name} ({r.note}) | no | >= {_g(r.peak_bytes)} ({dev.hbm_gib:.0f}) | "
+            f">= {_g(r.temp)} | - | {r.model_flops / 1e12:.1f} | - | - |")
   t, mfu = roofline(r, dev)
   return (f"| {label} | {topology} | {r.name}{' (' + r.note + ')' if r.note else ''} | "
           f"{'yes' if fits(r, dev) else 'no'} | {_g(r.peak_bytes)} ({dev.hbm_gib:.0f}) | {_g(r.temp)} | "
@@ -635,12 +646,40 @@ def step_config(c):
                     grad_clip=c.optim.grad_clip)
 
 
+class CompilerOOM(Exception):
+  """The TPU compiler refused the program: its temporaries alone exceed the chip's HBM."""
+
+  def __init__(self, message: str, lowered, required: float):
+    super().__init__(message)
+    self.lowered, self.required = lowered, required
+
+
 def _compile(name: str, fn: Callable[[], Any], mesh) -> tuple[Any, float]:
+  """(compiled, seconds); raises CompilerOOM (with the lowered program) when XLA reports HBM exhaustion."""
   from papo_jax.parallel import use_mesh_rules
   t0 = time.perf_counter()
   with tpu_attention_target(), use_mesh_rules(mesh):
-    compiled = fn().compile()
+    lowered = fn()
+    try:
+      compiled = lowered.compile()
+    except Exception as e:  # jax.errors.JaxRuntimeError; the message carries the sizes
+      msg = str(e)
+      if "RESOURCE_EXHAUSTED" not in msg:
+        raise
+      m = re.search(r"required for [^(]*\(([\d.]+)([KMGT])\)", msg)
+      req = float(m.group(1)) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)] if m else float("inf")
+      raise CompilerOOM(msg.splitlines()[0][:300], lowered, req) from None
   return compiled, time.perf_counter() - t0
+
+
+def _oom_report(name: str, err: CompilerOOM, *, resident: float, model_flops: float, hint: str) -> Report:
+  """What is known of a program the compiler refused: its arguments and at least the temporaries it named."""
+  try:
+    args = _bytes_per_device(err.lowered.args_info)
+  except Exception:  # ArgInfo without a sharding in some versions
+    args = 0.0
+  return Report(name, 0.0, args, 0.0, 0.0, err.required, 0.0, resident, 0.0, 0.0, 0.0, model_flops, 0.0, hint,
+                note="compiler OOM: temp is XLA's lower bound")
 
 
 def _measure(name: str, compiled, compile_s: float, *, resident: float, model_flops: float, kernel_flops: float,
@@ -661,7 +700,7 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
   import optax  # noqa: F401
   from flax import nnx
   from papo_jax import models
-  from papo_jax.parallel import make_mesh, state_shardings
+  from papo_jax.parallel import make_mesh, state_shardings, use_mesh_rules
   from papo_jax.rl.train_step import init_train_state, make_logprob_pass, make_optimizer, make_train_step
   from papo_jax.sampling import SamplingConfig, Sampler
   from papo_jax.sampling.budget import rollout_chunk_prompts
@@ -685,7 +724,16 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
                         param_sh) if cfg.needs_ref else None)   # (tree.map reaches the Variables' values)
   params_b, opt_b = _bytes_per_device(params), _bytes_per_device(state.opt_state)
   ref_b = _bytes_per_device(ref) if ref is not None else 0.0
-  log(f"training state per chip: params {_g(params_b)} GiB  AdamW {_g(opt_b)} GiB  reference {_g(ref_b)} GiB")
+  log(f"training state per chip: params {_g(params_b)} GiB  AdamW {_g(opt_b)} GiB  reference {_g(ref_b)} GiB"
+      + ("" if full_mc is mc else " (shortened model)"))
+  # The rollout budget is what the full model's training state leaves free.
+  full_state_b = params_b + opt_b + ref_b
+  if full_mc is not mc:
+    full_params = _with_sharding(*(lambda a: (a, state_shardings(a, mesh)))(
+        nnx.split(models.abstract_model(full_mc))[1]))
+    p_b = _bytes_per_device(full_params)
+    full_state_b = p_b * (3 + (jnp.dtype(c.model.ref_dtype).itemsize / jnp.dtype(c.model.param_dtype).itemsize
+                               if cfg.needs_ref else 0))
 
   s = shapes_for(c, mc, prompt_len=prompt_len, images_per_row=images_per_row)
   with_mask = bool(c.data.mask.enabled)
@@ -697,6 +745,19 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
   def per_chip(flops):
     return flops / n_dev
 
+  def program(name, lower, *, resident, model_flops, kernel_flops, hint, note=""):
+    """Compiles one program and reports it (a compiler OOM becomes a not-fitting report)."""
+    try:
+      compiled, dt = _compile(name, lower, mesh)
+      r = _measure(name, compiled, dt, resident=resident, model_flops=per_chip(model_flops),
+                   kernel_flops=per_chip(kernel_flops), hint=hint)
+    except CompilerOOM as e:
+      compiled, r = None, _oom_report(name, e, resident=resident, model_flops=per_chip(model_flops), hint=hint)
+    r.note = "; ".join(x for x in (note, r.note) if x)
+    reports.append(r)
+    log(format_report(r, dev))
+    return compiled
+
   if "train_step" in programs:
     logps = ()
     if mb > 1:
@@ -704,7 +765,6 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
     batch, n_patch = train_batch_specs(mc, mesh, s, micro_batches=s.micro_per_update, with_mask=with_mask, logps=logps)
     step = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=(0,), out_shardings=(state_sh, None))
     ref_arg = ref if mb == 1 else None
-    compiled, dt = _compile("train_step", lambda: step.lower(state, ref_arg, batch, scalar, scalar), mesh)
     rows = s.micro_per_update * s.rows_per_micro
     patches = s.micro_per_update * n_patch
     flops = train_step_flops(full_mc, rows=rows, length=s.length, response=s.response_len, patches=patches,
@@ -713,17 +773,15 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
     if mc.attention == "pallas_tpu":   # attention runs in kernels: fwd + bwd (2x) [+ remat fwd]
       att = attention_flops_causal(mc, rows, s.length) + attention_flops_vision(mc, patches, s.patches_per_image)
       kernel = (3 + extra + int(mc.remat)) * att
-    reports.append(_measure("train_step", compiled, dt, resident=ref_b if mb > 1 else 0.0,
-                            model_flops=per_chip(flops), kernel_flops=per_chip(kernel),
-                            hint="raise optim.micro_batches (fewer rows per micro-batch), shard wider "
-                                 "(mesh.fsdp), or set model.remat=True"))
-    log(format_report(reports[-1], dev))
+    program("train_step", lambda: step.lower(state, ref_arg, batch, scalar, scalar),
+            resident=ref_b if mb > 1 else 0.0, model_flops=flops, kernel_flops=kernel,
+            hint="raise optim.micro_batches (fewer rows per micro-batch), shard wider (mesh.fsdp), "
+                 "or set model.remat=True")
 
   if "logprob_pass" in programs and mb > 1:
     m = s.mini_batches * s.micro_per_update
     batch, n_patch = train_batch_specs(mc, mesh, s, micro_batches=m, with_mask=with_mask)
     fn = jax.jit(make_logprob_pass(graphdef, cfg))
-    compiled, dt = _compile("logprob_pass", lambda: fn.lower(params, ref, batch), mesh)
     rows, patches = m * s.rows_per_micro, m * n_patch
     passes = 1 + int(cfg.needs_mask) + int(cfg.needs_ref)
     fwd = forward_flops(full_mc, rows=rows, length=s.length, logit_tokens=rows * s.response_len, patches=patches,
@@ -732,10 +790,8 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
     if mc.attention == "pallas_tpu":
       kernel = passes * (attention_flops_causal(mc, rows, s.length)
                          + attention_flops_vision(mc, patches, s.patches_per_image))
-    reports.append(_measure("logprob_pass", compiled, dt, resident=opt_b, model_flops=per_chip(passes * fwd),
-                            kernel_flops=per_chip(kernel),
-                            hint="raise optim.micro_batches (the pass maps over micro-batches of the same size)"))
-    log(format_report(reports[-1], dev))
+    program("logprob_pass", lambda: fn.lower(params, ref, batch), resident=opt_b, model_flops=passes * fwd,
+            kernel_flops=kernel, hint="raise optim.micro_batches (the pass maps over micro-batches of that size)")
 
   want_sampler = [p for p in ("prefill", "decode") if p in programs]
   if want_sampler:
@@ -743,11 +799,12 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
     chunk = chunk_prompts or int(c.rollout.get("chunk_prompts", 0))
     if not chunk:
       budget_gb = float(c.rollout.get("kv_budget_gb", 0.0))
-      budget = budget_gb * GiB if budget_gb > 0 else 0.9 * dev.hbm_gib * GiB - (params_b + opt_b + ref_b)
+      budget = budget_gb * GiB if budget_gb > 0 else 0.9 * dev.hbm_gib * GiB - full_state_b
       chunk = rollout_chunk_prompts(full_mc, n_samples=c.rollout.n, prompt_len=s.prompt_len,
                                     max_new_tokens=s.response_len, hbm_bytes_budget=max(budget, 1.0), n_devices=n_dev,
                                     total_prompts=c.data.batch_size, batch_shards=batch_shards,
-                                    cache_dtype=c.rollout.cache_dtype, compute_dtype=c.model.dtype)
+                                    cache_dtype=c.rollout.cache_dtype, compute_dtype=c.model.dtype,
+                                    patches_per_prompt=s.images_per_row * s.patches_per_image)
       log(f"rollout chunk: {chunk} prompts (from a budget of {_g(budget)} GiB per chip)")
     n = c.rollout.n
     sampler = Sampler(graphdef, SamplingConfig(max_new_tokens=s.response_len, temperature=c.rollout.temperature,
@@ -762,30 +819,50 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
     key_aval = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key_aval.shape, key_aval.dtype, sharding=_spec(mesh, (), None))
     note = f"{chunk} prompts x {n}"
-    compiled, dt = _compile("prefill", lambda: sampler._prefill.lower(params, ids, ids, pv, grid, key, n=n,
-                                                                      max_new_tokens=s.response_len), mesh)
+    fwd = forward_flops(full_mc, rows=chunk, length=s.prompt_len, logit_tokens=chunk, patches=n_patch,
+                        patches_per_image=s.patches_per_image)
+    kernel = 0.0
+    if mc.attention == "pallas_tpu":
+      kernel = attention_flops_causal(mc, chunk, s.prompt_len) + attention_flops_vision(mc, n_patch,
+                                                                                       s.patches_per_image)
+    hint = "lower rollout.chunk_prompts / rollout.kv_budget_gb"
+    lower_prefill = lambda: sampler._prefill.lower(params, ids, ids, pv, grid, key, n=n, max_new_tokens=s.response_len)
     if "prefill" in programs:
-      fwd = forward_flops(full_mc, rows=chunk, length=s.prompt_len, logit_tokens=chunk, patches=n_patch,
-                          patches_per_image=s.patches_per_image)
-      kernel = 0.0
-      if mc.attention == "pallas_tpu":
-        kernel = attention_flops_causal(mc, chunk, s.prompt_len) + attention_flops_vision(mc, n_patch,
-                                                                                         s.patches_per_image)
-      reports.append(_measure("prefill", compiled, dt, resident=opt_b + ref_b, model_flops=per_chip(fwd),
-                              kernel_flops=per_chip(kernel),
-                              hint="lower rollout.chunk_prompts / rollout.kv_budget_gb"))
-      reports[-1].note = note
-      log(format_report(reports[-1], dev))
+      compiled = program("prefill", lower_prefill, resident=opt_b + ref_b, model_flops=fwd, kernel_flops=kernel,
+                         hint=hint, note=note)
+    else:
+      try:
+        compiled = _compile("prefill", lower_prefill, mesh)[0]
+      except CompilerOOM:
+        compiled = None
     if "decode" in programs:
-      pre = _with_sharding(compiled.out_info, compiled.output_shardings)
-      compiled_d, dt = _compile("decode", lambda: sampler._decode.lower(params, **pre), mesh)
-      reports.append(_measure("decode", compiled_d, dt, resident=opt_b + ref_b,
-                              model_flops=per_chip(decode_flops(full_mc, rows=chunk * n, prompt_len=s.prompt_len,
-                                                                steps=s.response_len - 1)),
-                              kernel_flops=0.0, hint="lower rollout.chunk_prompts / rollout.kv_budget_gb"))
-      reports[-1].note = note + f", {s.response_len} tokens"
-      log(format_report(reports[-1], dev))
+      if compiled is not None:
+        pre = _with_sharding(compiled.out_info, compiled.output_shardings)
+      else:   # prefill did not compile: its outputs laid out as the sampler constrains them
+        with tpu_attention_target(), use_mesh_rules(mesh):
+          info = lower_prefill().out_info
+        pre = decode_input_specs(mesh, info)
+      program("decode", lambda: sampler._decode.lower(params, **pre), resident=opt_b + ref_b,
+              model_flops=decode_flops(full_mc, rows=chunk * n, prompt_len=s.prompt_len, steps=s.response_len - 1),
+              kernel_flops=0.0, hint=hint, note=note + f", {s.response_len} tokens")
   return reports
+
+
+def decode_input_specs(mesh, info: dict) -> dict:
+  """The decode program's inputs (prefill's outputs) with the sampler's own layout: cache
+  ``(None, batch, cache_length, kv_heads, head_dim)``, per-row arrays over the batch axes."""
+  from papo_jax.sampling.sampler import CACHE_AXES
+
+  def spec(path, a):
+    name = jax.tree_util.keystr(path)
+    if "cache" in name:
+      names = CACHE_AXES
+    elif "pos" in name:
+      names = (None, "batch", None)
+    else:
+      names = ("batch",) + (None,) * (len(a.shape) - 1)
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=_spec(mesh, a.shape, names[:len(a.shape)]))
+  return jax.tree_util.tree_map_with_path(spec, info)
 
 
 def extrapolate(small: list[Report], large: list[Report], n_small: int, n_large: int, n_full: int) -> list[Report]:
@@ -797,6 +874,10 @@ def extrapolate(small: list[Report], large: list[Report], n_small: int, n_large:
   out = []
   f = (n_full - n_small) / max(1, n_large - n_small)
   for a, b in zip(small, large):
+    if "compiler OOM" in a.note + b.note:   # nothing to extrapolate: already too large when shortened
+      worst, n = (a, n_small) if "compiler OOM" in a.note else (b, n_large)
+      out.append(dataclasses.replace(worst, note=worst.note + f" at {n} of {n_full} layers"))
+      continue
     lin = lambda x, y: max(0.0, x + (y - x) * f)
     out.append(dataclasses.replace(
         b, compile_s=a.compile_s + b.compile_s, argument=lin(a.argument, b.argument), output=lin(a.output, b.output),

@@ -43,16 +43,22 @@ class RolloutMemory:
   prefill_cache: int      # the unrepeated [Lp] cache, live while it is repeated n times
   prefill_activations: int
   logits: int             # float32 [n, V] and the sampler's copies of it
+  vision: int = 0         # float32 pixels and one vision block's activations for the prompt's patches
 
   @property
   def total(self) -> int:
-    return self.decode_cache + self.prefill_cache + self.prefill_activations + self.logits
+    return self.decode_cache + self.prefill_cache + self.prefill_activations + self.logits + self.vision
 
 
 def rollout_bytes_per_prompt(model_config, *, n_samples: int, prompt_len: int, max_new_tokens: int,
-                             cache_dtype: str = "bfloat16", compute_dtype: str = "bfloat16") -> RolloutMemory:
-  """The memory one prompt adds to a rollout chunk (an estimate of the largest live set)."""
-  t = model_config.text
+                             cache_dtype: str = "bfloat16", compute_dtype: str = "bfloat16",
+                             patches_per_prompt: int = 0) -> RolloutMemory:
+  """The memory one prompt adds to a rollout chunk (an estimate of the largest live set).
+
+  ``patches_per_prompt``: its images' patches (the vision tower runs in the prefill); counted
+  as sharded with the prompt's rows like everything else.
+  """
+  t, v = model_config.text, model_config.vision
   kv = kv_bytes_per_token(t, cache_dtype)
   act = _nbytes(compute_dtype)
   return RolloutMemory(
@@ -60,12 +66,15 @@ def rollout_bytes_per_prompt(model_config, *, n_samples: int, prompt_len: int, m
       prefill_cache=prompt_len * kv,
       prefill_activations=prompt_len * (_PREFILL_HIDDEN_COPIES * t.hidden_size
                                         + _PREFILL_MLP_COPIES * t.intermediate_size) * act,
-      logits=n_samples * t.vocab_size * 4 * _LOGIT_COPIES)
+      logits=n_samples * t.vocab_size * 4 * _LOGIT_COPIES,
+      vision=patches_per_prompt * (v.patch_dim * 4 + (_PREFILL_HIDDEN_COPIES * v.hidden_size
+                                                      + _PREFILL_MLP_COPIES * v.intermediate_size) * act))
 
 
 def rollout_chunk_prompts(model_config, *, n_samples: int, prompt_len: int, max_new_tokens: int,
                           hbm_bytes_budget: int, n_devices: int, total_prompts: int, batch_shards: int | None = None,
-                          cache_dtype: str = "bfloat16", compute_dtype: str = "bfloat16") -> int:
+                          cache_dtype: str = "bfloat16", compute_dtype: str = "bfloat16",
+                          patches_per_prompt: int = 0) -> int:
   """Prompts per rollout chunk so that one chunk's cache and temporaries fit ``hbm_bytes_budget`` per chip.
 
   ``hbm_bytes_budget``: bytes per chip left for the rollout (HBM minus the training state
@@ -83,7 +92,7 @@ def rollout_chunk_prompts(model_config, *, n_samples: int, prompt_len: int, max_
   step = batch_shards or n_devices
   per_prompt = rollout_bytes_per_prompt(model_config, n_samples=n_samples, prompt_len=prompt_len,
                                         max_new_tokens=max_new_tokens, cache_dtype=cache_dtype,
-                                        compute_dtype=compute_dtype).total
+                                        compute_dtype=compute_dtype, patches_per_prompt=patches_per_prompt).total
   fit = int(hbm_bytes_budget * n_devices // per_prompt)
   fit = min(fit, max(total_prompts, step))
   fit -= fit % step
