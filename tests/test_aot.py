@@ -45,6 +45,8 @@ def test_rollout_bytes_per_prompt_by_hand():
   assert m.prefill_activations == 4096 * (6 * 2048 + 3 * 11008) * 2
   assert m.logits == 5 * 151936 * 4 * 6
   assert m.total == m.decode_cache + m.prefill_cache + m.prefill_activations + m.logits
+  mv = budget.rollout_bytes_per_prompt(mc, n_samples=5, prompt_len=4096, max_new_tokens=2048, patches_per_prompt=5120)
+  assert mv.vision == 5120 * (1176 * 4 + (6 * 1280 + 3 * 3420) * 2) and mv.total == m.total + mv.vision
 
 
 def test_rollout_chunk_prompts_fits_divides_and_shards():
