@@ -44,11 +44,14 @@ import time
 import types
 from typing import Any, Callable
 
-# A CPU host: JAX must not look for a local TPU; the TPU exists only as a compile target.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")   # silences libtpu's host probing
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+if __name__ == "__main__":
+  # As a program (before jax is imported): JAX must not look for a local TPU, the TPU is only a
+  # compile target; several compiles may load libtpu at once. Importing this module as a
+  # library changes no environment.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")   # quiets libtpu's host probing
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
