@@ -950,8 +950,11 @@ def main(argv):
             f"{full.text.num_hidden_layers} layers")
       ma, mb_ = shortened(full, a), shortened(full, b)
       ra = scale_kernel_flops(compile_programs(c, ma, target, **kw), ma, full)
-      rb = scale_kernel_flops(compile_programs(c, mb_, target, **kw), mb_, full)
-      reports = extrapolate(ra, rb, a, b, full.text.num_hidden_layers)
+      # A program already too large when shortened is not compiled again.
+      again = tuple(r.name for r in ra if not _oom(r))
+      rb = scale_kernel_flops(compile_programs(c, mb_, target, **{**kw, "programs": again}), mb_, full) if again else []
+      by_name = {r.name: r for r in rb}
+      reports = extrapolate(ra, [by_name.get(r.name, r) for r in ra], a, b, full.text.num_hidden_layers)
       print("\nextrapolated to the full depth:")
       for r in reports:
         print(format_report(r, dev))
