@@ -55,7 +55,6 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -700,7 +699,6 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
                      prompt_len: int = 0, images_per_row: int = 1, chunk_prompts: int = 0,
                      full_mc=None, log=print) -> list[Report]:
   """Lowers and compiles the trainer's programs for ``target``; one Report per program (per chip)."""
-  import optax  # noqa: F401
   from flax import nnx
   from papo_jax import models
   from papo_jax.parallel import make_mesh, state_shardings, use_mesh_rules

@@ -14,7 +14,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from papo_jax import aot, models
