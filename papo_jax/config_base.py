@@ -94,6 +94,15 @@ def paper_config(variant: str, *, micro_batches: int) -> ml_collections.ConfigDi
   c.optim.mini_batches = 3
   c.optim.micro_batches = micro_batches
   c.train.steps = 202
+  # Billions of parameters with fp32 AdamW moments do not fit replicated on a TPU chip:
+  # shard parameters, gradients and optimizer state over every chip (FSDP); rows shard
+  # over the same axis ("batch" -> data x fsdp).
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  # Rollouts run in chunks of prompts (papo_jax/sampling/budget.py): chunk_prompts > 0 fixes
+  # the chunk; 0 sizes it from kv_budget_gb per chip (0 = HBM left beside the training state).
+  c.rollout.chunk_prompts = 0
+  c.rollout.kv_budget_gb = 0.0
   return apply_variant(c, variant)
 
 

@@ -171,6 +171,47 @@ def test_sampling_law(temperature, top_k, top_p):
   np.testing.assert_allclose(raw, jax.nn.log_softmax(logits)[tok], atol=1e-5)
 
 
+def _nucleus_size(logits_BxV, top_p):
+  p = np.sort(np.asarray(jax.nn.softmax(logits_BxV, axis=-1)), axis=-1)[:, ::-1]
+  return ((np.cumsum(p, axis=-1) - p) < top_p).sum(-1)
+
+
+@pytest.mark.parametrize("top_p,scale,peak", [(0.9, 4.0, False), (0.99, 6.0, False), (0.99, 1.0, True)])
+def test_top_p_partial_sort_equals_full_sort(top_p, scale, peak):
+  """lax.top_k over 64 candidates keeps exactly the full-sort nucleus whenever it has <= 64 tokens,
+  including top_p=0.99 on a peaked law (the paper's setting); the filtered logits are identical."""
+  v = 4096
+  logits = jnp.asarray(np.random.default_rng(1).normal(size=(8, v)).astype(np.float32) * scale)
+  if peak:   # a handful of tokens hold almost all the mass
+    logits = logits.at[:, :5].add(12.0)
+  sizes = _nucleus_size(logits, top_p)
+  ref = np.asarray(filter_logits(logits, temperature=1.0, top_p=top_p, top_p_candidates=0))
+  part = np.asarray(filter_logits(logits, temperature=1.0, top_p=top_p, top_p_candidates=64))
+  fits = sizes <= 64
+  assert fits.any() and (sizes > 1).any()
+  np.testing.assert_array_equal(part[fits], ref[fits])
+  np.testing.assert_array_equal(np.isfinite(ref[fits]).sum(-1), sizes[fits])
+
+
+def test_top_p_partial_sort_fallback_is_top_candidates():
+  """A flat law whose nucleus outgrows the candidates samples from exactly the top candidates (documented)."""
+  logits = jnp.asarray(np.random.default_rng(3).normal(size=(4, 4096)).astype(np.float32))
+  assert (_nucleus_size(logits, 0.9) > 64).all()
+  part = np.asarray(filter_logits(logits, top_p=0.9, top_p_candidates=64))
+  np.testing.assert_array_equal(np.isfinite(part).sum(-1), 64)
+  top64 = np.sort(np.asarray(logits), axis=-1)[:, -64:]
+  np.testing.assert_array_equal(np.sort(part, axis=-1)[:, -64:], top64)
+
+
+def test_top_p_partial_sort_with_top_k_and_temperature():
+  """With top_k the top-k survivors are the candidates; the result equals the full sort at any candidate count."""
+  logits = jnp.asarray(np.random.default_rng(2).normal(size=(4, 512)).astype(np.float32) * 2)
+  ref = filter_logits(logits, temperature=0.7, top_k=40, top_p=0.95, top_p_candidates=0)
+  for cands in (8, 40, 1024):
+    np.testing.assert_array_equal(np.asarray(filter_logits(logits, temperature=0.7, top_k=40, top_p=0.95,
+                                                           top_p_candidates=cands)), np.asarray(ref))
+
+
 def test_text_only_greedy_matches_transformers(tiny):
   """pixel_values=None goes through the same prefill/decode programs (no vision tower)."""
   hf, _, graphdef, state, _ = tiny

@@ -113,34 +113,53 @@ class Rollout(NamedTuple):
 # -- token sampling (pure) ---------------------------------------------------------------------
 
 
-def filter_logits(logits_BxV: jax.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+# Candidates the top-p filter considers: a lax.top_k over this many logits replaces a full
+# vocabulary sort at every decode step (151,936 entries for Qwen).
+TOP_P_CANDIDATES = 1024
+
+
+def filter_logits(logits_BxV: jax.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  top_p_candidates: int = TOP_P_CANDIDATES):
   """Temperature, then top-k, then top-p (transformers' warper order); dropped logits -> -inf.
 
   Ties at the top-k / top-p boundary value are all kept (as transformers does). Float32 [B, V].
+
+  Top-p looks only at the ``top_p_candidates`` largest logits (a partial sort, ``lax.top_k``)
+  but measures their probabilities against the whole vocabulary's normaliser, so whenever
+  the nucleus has at most ``top_p_candidates`` tokens the result is exactly the full-sort
+  one. When it does not (the top candidates hold less than ``top_p`` of the mass: a flat
+  distribution), all candidates are kept and the rest dropped, i.e. sampling falls back to
+  top-``top_p_candidates``: a slightly narrower law that loses less than ``top_p`` minus the
+  candidates' mass. ``top_p_candidates <= 0`` sorts the whole vocabulary (the reference).
+  With ``top_k`` set, its ``top_k`` survivors are the candidates (exact).
   """
   x = logits_BxV.astype(jnp.float32) / temperature
   v = x.shape[-1]
-  sorted_desc = None
+  cand_desc = None
   if 0 < top_k < v:
-    sorted_desc, _ = jax.lax.top_k(x, top_k)                         # [B, k], descending
-    x = jnp.where(x < sorted_desc[:, -1:], -jnp.inf, x)
+    cand_desc, _ = jax.lax.top_k(x, top_k)                           # [B, k], descending
+    x = jnp.where(x < cand_desc[:, -1:], -jnp.inf, x)
   if top_p < 1.0:
-    if sorted_desc is None:
-      sorted_desc = -jnp.sort(-x, axis=-1)                             # full sort only without top-k
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    if cand_desc is None:
+      k = v if top_p_candidates <= 0 else min(top_p_candidates, v)
+      cand_desc = jax.lax.top_k(x, k)[0] if k < v else -jnp.sort(-x, axis=-1)
+    # True probabilities of the candidates (normalised over the whole row, not the candidates).
+    probs = jnp.exp(cand_desc - jax.nn.logsumexp(x, axis=-1, keepdims=True))
     keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p                # mass before it < p; first always kept
     n_keep = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
-    threshold = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
+    threshold = jnp.take_along_axis(cand_desc, n_keep - 1, axis=-1)
     x = jnp.where(x < threshold, -jnp.inf, x)
   return x
 
 
 def sample_tokens(logits_BxV: jax.Array, keys_B: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, greedy: bool = False, banned_ids: Sequence[int] = ()):
+                  top_p: float = 1.0, greedy: bool = False, banned_ids: Sequence[int] = (),
+                  top_p_candidates: int = TOP_P_CANDIDATES):
   """Draws one token per row; returns (tokens [B] int32, sampling log-probs [B], raw log-probs [B]).
 
   ``banned_ids`` (image / video pad) get logit -inf before anything else. The raw log-prob is
   ``log_softmax(logits)`` of the drawn token over the full, unfiltered vocabulary.
+  ``top_p_candidates``: see :func:`filter_logits`.
   """
   logits = logits_BxV.astype(jnp.float32)
   raw_logp_BxV = jax.nn.log_softmax(logits, axis=-1)
@@ -150,7 +169,8 @@ def sample_tokens(logits_BxV: jax.Array, keys_B: jax.Array, *, temperature: floa
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     samp_logp = jnp.zeros(tokens.shape, jnp.float32)
   else:
-    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                             top_p_candidates=top_p_candidates)
     tokens = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys_B, filtered).astype(jnp.int32)
     samp_logp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), tokens[:, None], axis=-1)[:, 0]
   raw = jnp.take_along_axis(raw_logp_BxV, tokens[:, None], axis=-1)[:, 0]

@@ -1,0 +1,975 @@
+r"""Ahead-of-time TPU compile of what the trainer runs, on any host: memory, FLOPs, roofline.
+
+    pip install -e '.[aot]'        # libtpu: the TPU compiler, no TPU needed
+    python -m papo_jax.aot --config=configs/qwen25vl_3b.py:papo_g --topology=v5e:2x4
+    python -m papo_jax.aot --config=configs/qwen25vl_7b.py --topology=v5p:2x2x1 --config.optim.micro_batches=64
+    python -m papo_jax.aot --config=configs/qwen25vl_3b.py --topology=v5e:2x4 --layers=2   # quick: extrapolated
+
+The model is built abstractly (``nnx.eval_shape``: no weights) from the checkpoint's
+``config.json`` when ``model.path`` has one, else from the published architecture of the
+config (:data:`ARCHITECTURES`), sharded with the project's logical rules
+(``papo_jax/parallel/sharding.py``) on the topology's devices, and these jitted programs
+are lowered and compiled for the TPU exactly as ``train.py`` builds them:
+
+* ``train_step``: ``rl/train_step.make_train_step`` over one update (``optim.micro_batches``
+  micro-batches; with ``optim.mini_batches > 1`` the log-probs are precomputed inputs);
+* ``logprob_pass``: ``make_logprob_pass`` over a whole step's rows (``mini_batches > 1``);
+* ``prefill`` / ``decode``: the sampler's own jitted programs at the rollout chunk size
+  (``rollout.chunk_prompts``, or sized by ``papo_jax/sampling/budget.py``).
+
+Per program it prints compile time, per-chip bytes (arguments, outputs, temporaries, code,
+plus the training state that stays resident beside it) against the chip's HBM, FLOPs
+(XLA's ``cost_analysis``, which counts a loop body once and leaves Pallas kernels out; the
+same module's dots re-counted with their loops' trip counts plus the Pallas attention
+counted analytically; and the analytic model FLOPs 6·N·tokens / 2·N·tokens, vision tower
+and attention included), a roofline time and the implied MFU bound, then a markdown row
+per program for docs/tpu.md. It exits with status 1 when a program does not fit, naming
+the setting to change.
+
+The project's Pallas attention picks interpret mode when ``jax.default_backend()`` is not
+``tpu``; on this host it is ``cpu``, so while tracing, :func:`tpu_attention_target` makes
+the attention module see ``tpu`` (the kernels then lower through Mosaic for the TPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+import types
+from typing import Any, Callable
+
+if __name__ == "__main__":
+  # As a program (before jax is imported): JAX must not look for a local TPU, the TPU is only a
+  # compile target; several compiles may load libtpu at once. Importing this module as a
+  # library changes no environment.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")   # quiets libtpu's host probing
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+GiB = 2 ** 30
+
+# ============================================================================================
+# Hardware
+# ============================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Per-chip peaks (Cloud TPU documentation): dense bf16 TFLOP/s, HBM GiB, HBM GB/s."""
+  name: str
+  bf16_tflops: float
+  hbm_gib: float
+  hbm_gbps: float
+
+
+CHIPS = {
+    "v4": Chip("v4", 275.0, 32.0, 1200.0),
+    "v5e": Chip("v5e", 197.0, 16.0, 819.0),
+    "v5p": Chip("v5p", 459.0, 95.0, 2765.0),
+    "v6e": Chip("v6e", 918.0, 32.0, 1640.0),
+}
+
+# Topology names accepted by libtpu's topology description, e.g. v5e:2x4 (v5e-8), v5p:2x2x1
+# (v5p-8, 4 chips), v5p:2x2x2 (v5p-16), v6e:2x4, v4:2x2x1 (v4-8).
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  topology: str
+  chip: Chip
+  devices: tuple
+  chips: int
+
+  @property
+  def per_device(self) -> Chip:
+    """A device's share of its chip (v4 exposes both TensorCores of a chip as two devices)."""
+    k = len(self.devices) / self.chips
+    c = self.chip
+    return Chip(c.name, c.bf16_tflops / k, c.hbm_gib / k, c.hbm_gbps / k)
+
+
+def get_target(topology: str) -> Target:
+  from jax.experimental import topologies
+  gen, _, dims = topology.partition(":")
+  if gen not in CHIPS or not dims:
+    raise ValueError(f"--topology {topology!r}: expected GEN:AxB[xC] with GEN one of {sorted(CHIPS)} "
+                     "(e.g. v5e:2x4, v5p:2x2x1, v6e:2x4, v4:2x2x1)")
+  shape = tuple(int(d) for d in dims.split("x"))
+  bounds = (min(shape[0], 2), min(shape[1] if len(shape) > 1 else 1, 2), 1)
+  topo = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name="default",
+                                      chips_per_host_bounds=bounds, num_slices=1)
+  return Target(topology, CHIPS[gen], tuple(topo.devices), math.prod(shape))
+
+
+# ============================================================================================
+# Architectures (published Hugging Face config.json contents; /work/shared/spec/qwen_vl.md §3)
+# ============================================================================================
+
+_QWEN25_TOKENS = dict(bos_token_id=151643, eos_token_id=151645, image_token_id=151655, video_token_id=151656,
+                      vision_start_token_id=151652, vision_end_token_id=151653)
+
+ARCHITECTURES: dict[str, dict] = {
+    "Qwen2.5-VL-3B-Instruct": dict(
+        model_type="qwen2_5_vl", vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+        num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6,
+        rope_theta=1e6, max_position_embeddings=128000, tie_word_embeddings=True,
+        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, **_QWEN25_TOKENS,
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu")),
+    "Qwen2.5-VL-7B-Instruct": dict(
+        model_type="qwen2_5_vl", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
+        rope_theta=1e6, max_position_embeddings=128000, tie_word_embeddings=False,
+        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, **_QWEN25_TOKENS,
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu")),
+    "Qwen3-VL-2B-Instruct": dict(
+        model_type="qwen3_vl", tie_word_embeddings=True, image_token_id=151655, video_token_id=151656,
+        vision_start_token_id=151652, vision_end_token_id=151653,
+        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                         max_position_embeddings=262144, tie_word_embeddings=True, attention_bias=False,
+                         rope_scaling={"rope_type": "default", "mrope_section": [24, 20, 20],
+                                       "mrope_interleaved": True},
+                         rope_theta=5e6, bos_token_id=151643, eos_token_id=151645),
+        vision_config=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                           hidden_act="gelu_pytorch_tanh", num_position_embeddings=2304,
+                           deepstack_visual_indexes=[5, 11, 17])),
+}
+
+# configs/<name>.py -> its checkpoint's architecture.
+CONFIG_ARCHITECTURE = {"qwen25vl_3b": "Qwen2.5-VL-3B-Instruct", "qwen25vl_7b": "Qwen2.5-VL-7B-Instruct",
+                       "qwen3vl_2b": "Qwen3-VL-2B-Instruct"}
+
+
+def hf_architecture(c, config_path: str = "", arch: str = "") -> dict:
+  """The config.json dict for a run config: the checkpoint's, the named architecture, or the tiny model's."""
+  if c.model.init == "pretrained" and c.model.path and os.path.exists(os.path.join(c.model.path, "config.json")):
+    with open(os.path.join(c.model.path, "config.json")) as f:
+      return json.load(f)
+  if c.model.init == "tiny_random":
+    from papo_jax import train
+    from papo_jax.data import tiny_tokenizer
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:   # token ids of the tiny tokenizer
+      ids = tiny_tokenizer.build_tiny_checkpoint_files(d, family=c.model.tiny.family)
+    t = c.model.tiny
+    if t.family == "qwen3_vl":
+      return train._tiny_qwen3_vl_config(t, ids)
+    return dict(model_type="qwen2_5_vl", vocab_size=ids["vocab_size"], hidden_size=t.hidden_size,
+                intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
+                num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
+                rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=4096, tie_word_embeddings=True,
+                rope_scaling={"type": "mrope",
+                              "mrope_section": train._mrope_section(t.hidden_size // t.num_attention_heads)},
+                **{k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                       "vision_end_token_id", "bos_token_id", "eos_token_id", "pad_token_id")},
+                vision_config=dict(depth=t.vision_depth, hidden_size=t.vision_hidden_size, num_heads=t.vision_heads,
+                                   intermediate_size=t.vision_intermediate_size, out_hidden_size=t.hidden_size,
+                                   fullatt_block_indexes=[t.vision_depth - 1], patch_size=14, spatial_merge_size=2,
+                                   temporal_patch_size=2, window_size=112, tokens_per_second=2))
+  name = arch or CONFIG_ARCHITECTURE.get(os.path.splitext(os.path.basename(config_path.split(":")[0]))[0], "")
+  if name not in ARCHITECTURES:
+    raise ValueError(f"no checkpoint config.json under model.path={c.model.path!r} and no known architecture "
+                     f"for {config_path!r}; pass --arch, one of {sorted(ARCHITECTURES)}")
+  return ARCHITECTURES[name]
+
+
+def target_attention(name: str) -> str:
+  """``auto`` resolves to the TPU kernel when compiling for a TPU (the host's backend is irrelevant)."""
+  return "pallas_tpu" if name == "auto" else name
+
+
+def model_config(c, hf: dict, *, layers: int | None = None):
+  """ModelConfig with the run's dtypes/remat/attention; ``layers`` shortens the decoder and the vision tower
+  in proportion (for extrapolation)."""
+  from papo_jax import models, train
+  mc = models.from_hf_dict(hf, dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat,
+                           attention=target_attention(c.model.attention), attention_block=c.model.attention_block)
+  mc = mc.replace(max_image_patches=train.max_image_patches(c, mc), hf_dict=None)
+  if layers is not None:
+    mc = shortened(mc, layers)
+  return mc
+
+
+def shortened(mc, layers: int):
+  """The decoder cut to ``layers`` and the vision tower to the same fraction of its blocks."""
+  t, v = mc.text, mc.vision
+  layers = max(1, min(layers, t.num_hidden_layers))
+  depth = max(1, round(v.depth * layers / t.num_hidden_layers))
+  # Keep the full-attention blocks' share: every (depth_full / n_full)-th block, at least one.
+  period = v.depth // max(1, len(v.fullatt_block_indexes)) if v.fullatt_block_indexes else 0
+  full = tuple(i for i in range(depth) if period and i % period == period - 1) or (
+      (depth - 1,) if v.fullatt_block_indexes else ())
+  deep = tuple(i for i in v.deepstack_visual_indexes if i < depth)[:layers]
+  return mc.replace(text=dataclasses.replace(t, num_hidden_layers=layers),
+                    vision=dataclasses.replace(v, depth=depth, fullatt_block_indexes=full,
+                                               deepstack_visual_indexes=deep))
+
+
+# ============================================================================================
+# Analytic FLOPs
+# ============================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulParams:
+  """Weights that multiply each token (2 FLOPs per weight per token in a forward pass)."""
+  text_per_token: int       # all decoder layers
+  head_per_token: int       # lm_head (only where logits are formed)
+  vision_per_patch: int     # patch embed + blocks + merger(s) share per patch
+
+
+def matmul_params(mc) -> MatmulParams:
+  t, v = mc.text, mc.vision
+  d, hd = t.hidden_size, t.head_dim
+  layer = d * hd * (2 * t.num_attention_heads + 2 * t.num_key_value_heads) + 3 * d * t.intermediate_size
+  dv = v.hidden_size
+  mlp = (2 if mc.model_type == "qwen3_vl" else 3) * dv * v.intermediate_size
+  block = 4 * dv * dv + mlp
+  unit = v.spatial_merge_size ** 2
+  merger = (dv * unit) ** 2 + dv * unit * v.out_hidden_size          # per merged token
+  mergers = 1 + len(v.deepstack_visual_indexes)
+  per_patch = v.patch_dim * dv + v.depth * block + mergers * merger // unit
+  return MatmulParams(t.num_hidden_layers * layer, d * t.vocab_size, per_patch)
+
+
+def attention_flops_causal(mc, rows: int, length: int) -> float:
+  """Forward FLOPs of causal attention over ``length`` tokens (QK^T and PV, lower triangle)."""
+  t = mc.text
+  return 2.0 * rows * length * length * t.num_attention_heads * t.head_dim * t.num_hidden_layers
+
+
+def attention_flops_decode(mc, rows: int, cache_len: int) -> float:
+  """Forward FLOPs of one decode step attending densely over ``cache_len`` slots."""
+  t = mc.text
+  return 4.0 * rows * cache_len * t.num_attention_heads * t.head_dim * t.num_hidden_layers
+
+
+def attention_flops_vision(mc, patches: int, patches_per_image: int) -> float:
+  """Forward FLOPs of the vision tower's attention: windowed blocks (window² patches) and full blocks."""
+  v = mc.vision
+  full = len(v.fullatt_block_indexes) if mc.model_type != "qwen3_vl" else v.depth
+  window = (v.window_size // v.patch_size) ** 2 if mc.model_type != "qwen3_vl" else patches_per_image
+  per = 4.0 * patches * v.hidden_size
+  return per * (full * patches_per_image + (v.depth - full) * min(window, patches_per_image))
+
+
+def forward_flops(mc, *, rows: int, length: int, logit_tokens: int, patches: int, patches_per_image: int,
+                  attention: bool = True) -> float:
+  """One forward pass: 2·N per token (decoder over rows·length, head over logit tokens, vision over patches)."""
+  p = matmul_params(mc)
+  f = 2.0 * (p.text_per_token * rows * length + p.head_per_token * logit_tokens + p.vision_per_patch * patches)
+  if attention:
+    f += attention_flops_causal(mc, rows, length) + attention_flops_vision(mc, patches, patches_per_image)
+  return f
+
+
+def train_step_flops(mc, *, rows: int, length: int, response: int, patches: int, patches_per_image: int,
+                     extra_forwards: int = 0) -> float:
+  """Model FLOPs of one update: forward + backward (3x forward) of the policy, plus forward-only passes
+  (masked images, reference) not precomputed. Remat recompute is not model FLOPs and is left out."""
+  fwd = forward_flops(mc, rows=rows, length=length, logit_tokens=rows * response, patches=patches,
+                      patches_per_image=patches_per_image)
+  return (3 + extra_forwards) * fwd
+
+
+def decode_flops(mc, *, rows: int, prompt_len: int, steps: int) -> float:
+  """All decode steps (the loop's maximum trip count): 2·N per token plus attention over the cache."""
+  p = matmul_params(mc)
+  per_step = 2.0 * (p.text_per_token + p.head_per_token) * rows
+  return steps * per_step + steps * attention_flops_decode(mc, rows, prompt_len + steps + 1)
+
+
+# ============================================================================================
+# HLO re-count: dot/convolution FLOPs and HBM bytes with loop trip counts
+# ============================================================================================
+
+_SHAPE = re.compile(r"(pred|s8|u8|s16|u16|s32|u32|s64|u64|f8\w*|bf16|f16|f32|f64|c64|c128)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_NO_TRAFFIC = {"parameter", "tuple", "get-tuple-element", "constant", "bitcast", "while", "call", "conditional",
+               "after-all", "partition-id", "replica-id", "iota"}
+
+
+def _dims(s: str) -> tuple[int, ...]:
+  return tuple(int(x) for x in s.split(",") if x)
+
+
+def _shape_bytes(shape: str) -> int:
+  total = 0
+  for dt, dims in _SHAPE.findall(shape):
+    total += math.prod(_dims(dims)) * _BYTES.get(dt, 1)
+  return total
+
+
+def _split_instruction(line: str):
+  m = re.match(r"\s*(?:ROOT )?%([^\s=]+) = (.*)$", line)
+  if not m:
+    return None
+  name, rest = m.groups()
+  if rest.startswith("("):
+    depth = 0
+    for j, ch in enumerate(rest):
+      depth += ch == "("
+      depth -= ch == ")"
+      if depth == 0:
+        break
+    shape, rest = rest[:j + 1], rest[j + 2:]
+  else:
+    shape, _, rest = rest.partition(" ")
+  op, _, args = rest.partition("(")
+  depth, j = 1, 0
+  for j, ch in enumerate(args):
+    depth += ch == "("
+    depth -= ch == ")"
+    if depth == 0:
+      break
+  return name, shape, op, re.findall(r"%([^\s,()]+)", args[:j]), args[j + 1:]
+
+
+def parse_hlo(text: str) -> tuple[dict, str]:
+  """{computation: [(name, shape, op, operands, attrs)]} and the entry computation's name."""
+  comps, entry, cur = {}, "", None
+  for line in text.splitlines():
+    m = re.match(r"^(ENTRY )?%(\S+) \(.*\) -> .*\{\s*$", line)
+    if m:
+      cur = m.group(2)
+      comps[cur] = []
+      if m.group(1):
+        entry = cur
+      continue
+    if line.startswith("}"):
+      cur = None
+      continue
+    if cur is not None:
+      ins = _split_instruction(line)
+      if ins:
+        comps[cur].append(ins)
+  return comps, entry
+
+
+def hlo_cost(text: str) -> tuple[float, float]:
+  """(dot + convolution FLOPs, HBM bytes) of a compiled module with every while body counted
+  ``trip count`` times (XLA's cost_analysis counts each body once). Custom calls (Pallas
+  kernels) add their operand/output bytes but no FLOPs."""
+  comps, entry = parse_hlo(text)
+  shapes = {name: shape for ins in comps.values() for name, shape, *_ in ins}
+  const_vals = {}
+  for line in text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%([^\s=]+) = [su](?:32|64)\[\]\S* constant\((-?\d+)\)", line)
+    if m:
+      const_vals[m.group(1)] = int(m.group(2))
+  memo: dict[tuple[str, bool], tuple[float, float]] = {}
+
+  def trips(cond_name: str) -> int:
+    vals = [const_vals[n] for n, *_ in comps.get(cond_name, []) if n in const_vals]
+    return max([v for v in vals if v > 0] or [1])
+
+  def cost(comp: str, fused: bool) -> tuple[float, float]:
+    key = (comp, fused)
+    if key in memo:
+      return memo[key]
+    memo[key] = (0.0, 0.0)
+    flops = bytes_ = 0.0
+    for name, shape, op, operands, attrs in comps.get(comp, []):
+      out = _SHAPE.search(shape)
+      if op == "dot" and out:
+        lhs = _SHAPE.search(shapes.get(operands[0], ""))
+        cd = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs)
+        k = math.prod(_dims(lhs.group(2))[i] for i in _dims(cd.group(1))) if lhs and cd else 1
+        flops += 2.0 * math.prod(_dims(out.group(2))) * k
+      elif op == "convolution" and out and len(operands) > 1:
+        rhs = _SHAPE.search(shapes.get(operands[1], ""))
+        labels = re.search(r"dim_labels=[^_]*_(\w+)->", attrs)
+        if rhs and labels and "o" in labels.group(1):
+          rd = _dims(rhs.group(2))
+          groups = re.search(r"feature_group_count=(\d+)", attrs)
+          k = math.prod(rd) // max(1, rd[labels.group(1).index("o")])
+          flops += 2.0 * math.prod(_dims(out.group(2))) * k / (int(groups.group(1)) if groups else 1)
+      if not fused and op not in _NO_TRAFFIC:
+        bytes_ += _shape_bytes(shape) + sum(_shape_bytes(shapes.get(o, "")) for o in operands)
+      sub = []
+      if op == "fusion":
+        sub = [(c, True, 1) for c in re.findall(r"calls=%([^\s,]+)", attrs)]
+      elif op == "while":
+        body = re.search(r"body=%([^\s,]+)", attrs)
+        cond = re.search(r"condition=%([^\s,]+)", attrs)
+        if body:
+          sub = [(body.group(1), fused, trips(cond.group(1)) if cond else 1)]
+      elif op == "call":
+        sub = [(c, fused, 1) for c in re.findall(r"to_apply=%([^\s,]+)", attrs)]
+      elif op == "conditional":
+        branches = re.findall(r"%([^\s,{}]+)", (re.search(r"branch_computations=\{([^}]*)\}", attrs) or
+                                                re.search(r"(true_computation=.*)", attrs) or [None, ""])[1] or "")
+        if branches:
+          worst = max((cost(b, fused) for b in branches), key=lambda fb: fb[0])
+          flops, bytes_ = flops + worst[0], bytes_ + worst[1]
+      for c, f, mult in sub:
+        cf, cb = cost(c, f)
+        flops, bytes_ = flops + mult * cf, bytes_ + mult * cb
+    memo[key] = (flops, bytes_)
+    return memo[key]
+
+  return cost(entry, False)
+
+
+# ============================================================================================
+# Reports
+# ============================================================================================
+
+
+@dataclasses.dataclass
+class Report:
+  name: str
+  compile_s: float
+  argument: float           # per-chip bytes
+  output: float
+  alias: float
+  temp: float
+  code: float
+  resident: float           # training state alive beside the program but not among its arguments
+  xla_flops: float          # cost_analysis (loop bodies once, no Pallas)
+  hlo_flops: float          # dots/convolutions x trip counts
+  kernel_flops: float       # Pallas attention (analytic)
+  model_flops: float        # analytic model FLOPs per chip
+  hbm_bytes: float          # HBM traffic x trip counts
+  hint: str = ""
+  note: str = ""
+
+  @property
+  def peak_bytes(self) -> float:
+    return self.argument + self.output - self.alias + self.temp + self.code + self.resident
+
+
+def roofline(r: Report, dev: Chip) -> tuple[float, float]:
+  """(roofline seconds, MFU bound): max(compute time of everything executed, HBM time); MFU counts model FLOPs."""
+  executed = max(r.hlo_flops + r.kernel_flops, r.model_flops)
+  t = max(executed / (dev.bf16_tflops * 1e12), r.hbm_bytes / (dev.hbm_gbps * 1e9))
+  return t, (r.model_flops / (dev.bf16_tflops * 1e12) / t if t > 0 else 0.0)
+
+
+def fits(r: Report, dev: Chip) -> bool:
+  return r.peak_bytes <= dev.hbm_gib * GiB
+
+
+def _g(x: float) -> str:
+  return f"{x / GiB:.2f}"
+
+
+def _oom(r: Report) -> bool:
+  return "compiler OOM" in r.note
+
+
+def format_report(r: Report, dev: Chip) -> str:
+  if _oom(r):
+    return (f"== {r.name}  {r.note}\n   per chip GiB: args {_g(r.argument)}  temp >= {_g(r.temp)}  resident state "
+            f"{_g(r.resident)}  = {_g(r.peak_bytes)}+ of {dev.hbm_gib:.0f}: DOES NOT FIT -> {r.hint}\n"
+            f"   model FLOPs per chip (analytic) {r.model_flops:.3e}")
+  t, mfu = roofline(r, dev)
+  hbm = dev.hbm_gib * GiB
+  status = "fits" if fits(r, dev) else f"DOES NOT FIT -> {r.hint}"
+  lines = [
+      f"== {r.name}  (compiled in {r.compile_s:.1f}s){'  ' + r.note if r.note else ''}",
+      f"   per chip GiB: args {_g(r.argument)}  out {_g(r.output)}  aliased {_g(r.alias)}  temp {_g(r.temp)}  "
+      f"code {_g(r.code)}  resident state {_g(r.resident)}  = {_g(r.peak_bytes)} of {dev.hbm_gib:.0f} "
+      f"({100 * r.peak_bytes / hbm:.0f}%): {status}",
+      f"   per chip FLOPs: XLA cost_analysis {r.xla_flops:.3e} | x loop trips {r.hlo_flops:.3e} + Pallas "
+      f"(analytic) {r.kernel_flops:.3e} | model (analytic) {r.model_flops:.3e}",
+      f"   roofline {t * 1e3:.1f} ms (HBM traffic {r.hbm_bytes / 1e9:.1f} GB at {dev.hbm_gbps:.0f} GB/s, "
+      f"{dev.bf16_tflops:.0f} TFLOP/s) -> MFU bound {100 * mfu:.0f}%",
+  ]
+  return "\n".join(lines)
+
+
+TABLE_HEADER = ("| config | topology | program | fits | GiB/chip (HBM) | temp GiB | compile s | model TFLOP/chip | "
+                "roofline ms | MFU bound |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def table_row(label: str, topology: str, r: Report, dev: Chip) -> str:
+  if _oom(r):
+    return (f"| {label} | {topology} | {r.name} ({r.note}) | no | >= {_g(r.peak_bytes)} ({dev.hbm_gib:.0f}) | "
+            f">= {_g(r.temp)} | - | {r.model_flops / 1e12:.1f} | - | - |")
+  t, mfu = roofline(r, dev)
+  return (f"| {label} | {topology} | {r.name}{' (' + r.note + ')' if r.note else ''} | "
+          f"{'yes' if fits(r, dev) else 'no'} | {_g(r.peak_bytes)} ({dev.hbm_gib:.0f}) | {_g(r.temp)} | "
+          f"{r.compile_s:.0f} | {r.model_flops / 1e12:.1f} | {t * 1e3:.0f} | {100 * mfu:.0f}% |")
+
+
+def peak_table() -> str:
+  rows = ["| chip | bf16 TFLOP/s | HBM GiB | HBM GB/s |", "|---|---|---|---|"]
+  rows += [f"| {c.name} | {c.bf16_tflops:.0f} | {c.hbm_gib:.0f} | {c.hbm_gbps:.0f} |" for c in CHIPS.values()]
+  return "\n".join(rows)
+
+
+# ============================================================================================
+# Compiling for the TPU
+# ============================================================================================
+
+
+class _TpuJax(types.ModuleType):
+  """``jax`` as seen by papo_jax.models.attention while tracing for a TPU target."""
+
+  def __init__(self):
+    super().__init__("jax")
+
+  def __getattr__(self, name):
+    return getattr(jax, name)
+
+  @staticmethod
+  def default_backend():
+    return "tpu"
+
+
+@contextlib.contextmanager
+def tpu_attention_target():
+  """Makes the attention module take its TPU paths (splash kernels lowered by Mosaic, not interpreted).
+
+  ``attention.py`` decides interpret mode from ``jax.default_backend()``; here its module-level
+  ``jax`` is swapped for a view that answers ``tpu``, for the duration of tracing only. When the
+  module offers ``target_platform`` (a context for exactly this), that is used instead.
+  """
+  from papo_jax.models import attention
+  if hasattr(attention, "target_platform"):
+    with attention.target_platform("tpu"):
+      yield
+    return
+  saved = attention.jax
+  attention.jax = _TpuJax()
+  try:
+    yield
+  finally:
+    attention.jax = saved
+
+
+def _with_sharding(tree, shardings):
+  """Abstract arrays carrying their NamedShardings (nnx Variables keep their metadata)."""
+  from flax import nnx
+
+  def one(a, s):
+    if isinstance(a, nnx.Variable):
+      v = a.get_value()
+      return a.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s))
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  return jax.tree.map(one, tree, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _bytes_per_device(tree) -> float:
+  def one(a):
+    shard = a.sharding.shard_shape(a.shape) if getattr(a, "sharding", None) is not None else a.shape
+    return math.prod(shard) * jnp.dtype(a.dtype).itemsize
+  return float(sum(one(a) for a in jax.tree.leaves(tree)))
+
+
+def _spec(mesh, shape, names):
+  from jax.sharding import NamedSharding, PartitionSpec
+  from papo_jax.parallel.sharding import DEFAULT_RULES, _fit_spec, logical_to_mesh_spec
+  spec = _fit_spec(logical_to_mesh_spec(names, DEFAULT_RULES, mesh), shape, mesh) if names else PartitionSpec()
+  return NamedSharding(mesh, spec)
+
+
+def _sds(mesh, shape, dtype, names=None):
+  return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=_spec(mesh, tuple(shape), names))
+
+
+def _round_up(n: int, m: int) -> int:
+  return max(m, -(-n // m) * m)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """The trainer's batch geometry for one config."""
+  prompt_len: int
+  response_len: int
+  rows_per_micro: int
+  micro_per_update: int
+  mini_batches: int
+  images_per_row: int
+  patches_per_image: int
+
+  @property
+  def length(self) -> int:
+    return self.prompt_len + self.response_len
+
+
+def shapes_for(c, mc, *, prompt_len: int = 0, images_per_row: int = 1) -> Shapes:
+  rows = c.data.batch_size * c.rollout.n
+  per_update = c.optim.mini_batches * c.optim.micro_batches
+  if rows % per_update:
+    raise ValueError(f"config field optim.micro_batches: {rows} rows do not split into {c.optim.mini_batches} "
+                     f"mini x {c.optim.micro_batches} micro batches")
+  lp = prompt_len or max(tuple(c.data.prompt_length_buckets) or (c.data.max_prompt_length,))
+  return Shapes(lp, c.rollout.max_new_tokens, rows // per_update, c.optim.micro_batches, c.optim.mini_batches,
+                images_per_row, c.data.max_pixels // mc.vision.patch_size ** 2)
+
+
+def train_batch_specs(mc, mesh, s: Shapes, *, micro_batches: int, with_mask: bool, logps: tuple[str, ...] = ()):
+  """Abstract TrainBatch as ``train.py``'s ``device_batch`` feeds it: rows [M, b, ...] over the batch
+  axes, each micro-batch's images (every row's own copy, f32) replicated. Keep in step with device_batch."""
+  from papo_jax.rl.train_step import TrainBatch
+  m, b, t, l = micro_batches, s.rows_per_micro, s.response_len, s.length
+  row = (None, "batch")
+  n_patch = _round_up(b * s.images_per_row * s.patches_per_image, 64)
+  n_img = _round_up(b * s.images_per_row, 4)
+  pix = (m, n_patch, mc.vision.patch_dim)
+  fields = dict(
+      input_ids=_sds(mesh, (m, b, l), jnp.int32, row), attention_mask=_sds(mesh, (m, b, l), jnp.int32, row),
+      response_mask=_sds(mesh, (m, b, t), jnp.int32, row), advantages=_sds(mesh, (m, b), jnp.float32, row),
+      pixel_values=_sds(mesh, pix, jnp.float32), image_grid_thw=_sds(mesh, (m, n_img, 3), jnp.int32),
+      masked_pixel_values=_sds(mesh, pix, jnp.float32) if with_mask else None)
+  for k in logps:
+    fields[k] = _sds(mesh, (m, b, t), jnp.float32, row)
+  return TrainBatch(**fields), n_patch
+
+
+def step_config(c):
+  """rl/train_step.StepConfig from a run config (as train.py builds it)."""
+  from papo_jax.rl.losses import LossConfig
+  from papo_jax.rl.train_step import StepConfig
+  clamp = (0.0, c.papo.kl_prcp_clamp_hi) if c.papo.kl_prcp_clamp_hi > 0 else None
+  loss = LossConfig(eps_low=c.algo.eps_low, eps_high=c.algo.eps_high, dual_clip=c.algo.dual_clip, beta=c.algo.beta,
+                    gamma=c.papo.gamma, eta_ori=c.papo.eta_ori, eta_mask=c.papo.eta_mask, agg=c.algo.agg,
+                    kl_prcp_clamp=clamp,
+                    kl_prcp_top_frac=c.papo.kl_prcp_top_frac if c.papo.kl_prcp_top_frac > 0 else None)
+  return StepConfig(loss=loss, mask_grad=c.papo.mask_grad, logprob_chunk=c.optim.logprob_chunk,
+                    grad_clip=c.optim.grad_clip)
+
+
+class CompilerOOM(Exception):
+  """The TPU compiler refused the program: its temporaries alone exceed the chip's HBM."""
+
+  def __init__(self, message: str, lowered, required: float):
+    super().__init__(message)
+    self.lowered, self.required = lowered, required
+
+
+def _compile(name: str, fn: Callable[[], Any], mesh) -> tuple[Any, float]:
+  """(compiled, seconds); raises CompilerOOM (with the lowered program) when XLA reports HBM exhaustion."""
+  from papo_jax.parallel import use_mesh_rules
+  t0 = time.perf_counter()
+  with tpu_attention_target(), use_mesh_rules(mesh):
+    lowered = fn()
+    try:
+      compiled = lowered.compile()
+    except Exception as e:  # jax.errors.JaxRuntimeError; the message carries the sizes
+      msg = str(e)
+      if "RESOURCE_EXHAUSTED" not in msg:
+        raise
+      m = re.search(r"required for [^(]*\(([\d.]+)([KMGT])\)", msg)
+      req = float(m.group(1)) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)] if m else float("inf")
+      raise CompilerOOM(msg.splitlines()[0][:300], lowered, req) from None
+  return compiled, time.perf_counter() - t0
+
+
+def _oom_report(name: str, err: CompilerOOM, *, resident: float, model_flops: float, hint: str) -> Report:
+  """What is known of a program the compiler refused: its arguments and at least the temporaries it named."""
+  try:
+    args = _bytes_per_device(err.lowered.args_info)
+  except Exception:  # ArgInfo without a sharding in some versions
+    args = 0.0
+  return Report(name, 0.0, args, 0.0, 0.0, err.required, 0.0, resident, 0.0, 0.0, 0.0, model_flops, 0.0, hint,
+                note="compiler OOM: temp is XLA's lower bound")
+
+
+def _measure(name: str, compiled, compile_s: float, *, resident: float, model_flops: float, kernel_flops: float,
+             hint: str) -> Report:
+  ma = compiled.memory_analysis()
+  ca = compiled.cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  hlo_flops, hbm = hlo_cost(compiled.as_text())
+  return Report(name, compile_s, float(ma.argument_size_in_bytes), float(ma.output_size_in_bytes),
+                float(ma.alias_size_in_bytes), float(ma.temp_size_in_bytes), float(ma.generated_code_size_in_bytes),
+                resident, float(ca.get("flops", 0.0)), hlo_flops, kernel_flops, model_flops, hbm, hint)
+
+
+def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_pass", "prefill", "decode"),
+                     prompt_len: int = 0, images_per_row: int = 1, chunk_prompts: int = 0,
+                     full_mc=None, log=print) -> list[Report]:
+  """Lowers and compiles the trainer's programs for ``target``; one Report per program (per chip)."""
+  from flax import nnx
+  from papo_jax import models
+  from papo_jax.parallel import make_mesh, state_shardings, use_mesh_rules
+  from papo_jax.rl.train_step import init_train_state, make_logprob_pass, make_optimizer, make_train_step
+  from papo_jax.sampling import SamplingConfig, Sampler
+  from papo_jax.sampling.budget import rollout_chunk_prompts
+
+  full_mc = full_mc or mc
+  mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=target.devices)
+  n_dev = len(target.devices)
+  dev = target.per_device
+  log(f"mesh {dict(mesh.shape)} on {n_dev} x {target.devices[0].device_kind} ({target.topology})")
+
+  graphdef, abstract = nnx.split(models.abstract_model(mc))
+  param_sh = state_shardings(abstract, mesh)
+  params = _with_sharding(abstract, param_sh)
+  tx = make_optimizer(c.optim.lr, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps, weight_decay=c.optim.weight_decay,
+                      grad_clip=c.optim.grad_clip)
+  state_abs = jax.eval_shape(lambda p: init_train_state(p, tx), abstract)
+  state_sh = state_shardings(state_abs, mesh)
+  state = _with_sharding(state_abs, state_sh)
+  cfg = step_config(c)
+  ref = (_with_sharding(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(c.model.ref_dtype)), abstract),
+                        param_sh) if cfg.needs_ref else None)   # (tree.map reaches the Variables' values)
+  params_b, opt_b = _bytes_per_device(params), _bytes_per_device(state.opt_state)
+  ref_b = _bytes_per_device(ref) if ref is not None else 0.0
+  log(f"training state per chip: params {_g(params_b)} GiB  AdamW {_g(opt_b)} GiB  reference {_g(ref_b)} GiB"
+      + ("" if full_mc is mc else " (shortened model)"))
+  # The rollout budget is what the full model's training state leaves free.
+  full_state_b = params_b + opt_b + ref_b
+  if full_mc is not mc:
+    full_params = _with_sharding(*(lambda a: (a, state_shardings(a, mesh)))(
+        nnx.split(models.abstract_model(full_mc))[1]))
+    p_b = _bytes_per_device(full_params)
+    full_state_b = p_b * (3 + (jnp.dtype(c.model.ref_dtype).itemsize / jnp.dtype(c.model.param_dtype).itemsize
+                               if cfg.needs_ref else 0))
+
+  s = shapes_for(c, mc, prompt_len=prompt_len, images_per_row=images_per_row)
+  with_mask = bool(c.data.mask.enabled)
+  mb = s.mini_batches
+  scalar = _sds(mesh, (), jnp.float32)
+  extra = int(cfg.needs_mask and mb == 1) + int(cfg.needs_ref and mb == 1)
+  reports = []
+
+  def per_chip(flops):
+    return flops / n_dev
+
+  def program(name, lower, *, resident, model_flops, kernel_flops, hint, note=""):
+    """Compiles one program and reports it (a compiler OOM becomes a not-fitting report)."""
+    try:
+      compiled, dt = _compile(name, lower, mesh)
+      r = _measure(name, compiled, dt, resident=resident, model_flops=per_chip(model_flops),
+                   kernel_flops=per_chip(kernel_flops), hint=hint)
+    except CompilerOOM as e:
+      compiled, r = None, _oom_report(name, e, resident=resident, model_flops=per_chip(model_flops), hint=hint)
+    r.note = "; ".join(x for x in (note, r.note) if x)
+    reports.append(r)
+    log(format_report(r, dev))
+    return compiled
+
+  if "train_step" in programs:
+    logps = ()
+    if mb > 1:
+      logps = ("old_logp",) + (("mask_logp",) if cfg.needs_mask else ()) + (("ref_logp",) if cfg.needs_ref else ())
+    batch, n_patch = train_batch_specs(mc, mesh, s, micro_batches=s.micro_per_update, with_mask=with_mask, logps=logps)
+    step = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=(0,), out_shardings=(state_sh, None))
+    ref_arg = ref if mb == 1 else None
+    rows = s.micro_per_update * s.rows_per_micro
+    patches = s.micro_per_update * n_patch
+    flops = train_step_flops(full_mc, rows=rows, length=s.length, response=s.response_len, patches=patches,
+                             patches_per_image=s.patches_per_image, extra_forwards=extra)
+    kernel = 0.0
+    if mc.attention == "pallas_tpu":   # attention runs in kernels: fwd + bwd (2x) [+ remat fwd]
+      att = attention_flops_causal(mc, rows, s.length) + attention_flops_vision(mc, patches, s.patches_per_image)
+      kernel = (3 + extra + int(mc.remat)) * att
+    program("train_step", lambda: step.lower(state, ref_arg, batch, scalar, scalar),
+            resident=ref_b if mb > 1 else 0.0, model_flops=flops, kernel_flops=kernel,
+            hint="raise optim.micro_batches (fewer rows per micro-batch), shard wider (mesh.fsdp), "
+                 "or set model.remat=True")
+
+  if "logprob_pass" in programs and mb > 1:
+    m = s.mini_batches * s.micro_per_update
+    batch, n_patch = train_batch_specs(mc, mesh, s, micro_batches=m, with_mask=with_mask)
+    fn = jax.jit(make_logprob_pass(graphdef, cfg))
+    rows, patches = m * s.rows_per_micro, m * n_patch
+    passes = 1 + int(cfg.needs_mask) + int(cfg.needs_ref)
+    fwd = forward_flops(full_mc, rows=rows, length=s.length, logit_tokens=rows * s.response_len, patches=patches,
+                        patches_per_image=s.patches_per_image)
+    kernel = 0.0
+    if mc.attention == "pallas_tpu":
+      kernel = passes * (attention_flops_causal(mc, rows, s.length)
+                         + attention_flops_vision(mc, patches, s.patches_per_image))
+    program("logprob_pass", lambda: fn.lower(params, ref, batch), resident=opt_b, model_flops=passes * fwd,
+            kernel_flops=kernel, hint="raise optim.micro_batches (the pass maps over micro-batches of that size)")
+
+  want_sampler = [p for p in ("prefill", "decode") if p in programs]
+  if want_sampler:
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    chunk = chunk_prompts or int(c.rollout.get("chunk_prompts", 0))
+    if not chunk:
+      budget_gb = float(c.rollout.get("kv_budget_gb", 0.0))
+      budget = budget_gb * GiB if budget_gb > 0 else 0.9 * dev.hbm_gib * GiB - full_state_b
+      chunk = rollout_chunk_prompts(full_mc, n_samples=c.rollout.n, prompt_len=s.prompt_len,
+                                    max_new_tokens=s.response_len, hbm_bytes_budget=max(budget, 1.0), n_devices=n_dev,
+                                    total_prompts=c.data.batch_size, batch_shards=batch_shards,
+                                    cache_dtype=c.rollout.cache_dtype, compute_dtype=c.model.dtype,
+                                    patches_per_prompt=s.images_per_row * s.patches_per_image)
+      log(f"rollout chunk: {chunk} prompts (from a budget of {_g(budget)} GiB per chip)")
+    n = c.rollout.n
+    sampler = Sampler(graphdef, SamplingConfig(max_new_tokens=s.response_len, temperature=c.rollout.temperature,
+                                               top_p=c.rollout.top_p, top_k=c.rollout.top_k,
+                                               cache_dtype=c.rollout.cache_dtype,
+                                               stop_token_ids=(mc.eos_token_id or 0,),
+                                               pad_token_id=mc.pad_token_id or 0), mesh=mesh)
+    n_patch = _round_up(chunk * s.images_per_row * s.patches_per_image, 64)
+    ids = _sds(mesh, (chunk, s.prompt_len), jnp.int32)
+    pv = _sds(mesh, (n_patch, mc.vision.patch_dim), jnp.float32)
+    grid = _sds(mesh, (_round_up(chunk * s.images_per_row, 4), 3), jnp.int32)
+    key_aval = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key_aval.shape, key_aval.dtype, sharding=_spec(mesh, (), None))
+    note = f"{chunk} prompts x {n}"
+    fwd = forward_flops(full_mc, rows=chunk, length=s.prompt_len, logit_tokens=chunk, patches=n_patch,
+                        patches_per_image=s.patches_per_image)
+    kernel = 0.0
+    if mc.attention == "pallas_tpu":
+      kernel = attention_flops_causal(mc, chunk, s.prompt_len) + attention_flops_vision(mc, n_patch,
+                                                                                       s.patches_per_image)
+    hint = "lower rollout.chunk_prompts / rollout.kv_budget_gb"
+    lower_prefill = lambda: sampler._prefill.lower(params, ids, ids, pv, grid, key, n=n, max_new_tokens=s.response_len)
+    if "prefill" in programs:
+      compiled = program("prefill", lower_prefill, resident=opt_b + ref_b, model_flops=fwd, kernel_flops=kernel,
+                         hint=hint, note=note)
+    else:
+      try:
+        compiled = _compile("prefill", lower_prefill, mesh)[0]
+      except CompilerOOM:
+        compiled = None
+    if "decode" in programs:
+      if compiled is not None:
+        pre = _with_sharding(compiled.out_info, compiled.output_shardings)
+      else:   # prefill did not compile: its outputs laid out as the sampler constrains them
+        with tpu_attention_target(), use_mesh_rules(mesh):
+          info = lower_prefill().out_info
+        pre = decode_input_specs(mesh, info)
+      program("decode", lambda: sampler._decode.lower(params, **pre), resident=opt_b + ref_b,
+              model_flops=decode_flops(full_mc, rows=chunk * n, prompt_len=s.prompt_len, steps=s.response_len - 1),
+              kernel_flops=0.0, hint=hint, note=note + f", {s.response_len} tokens")
+  return reports
+
+
+def decode_input_specs(mesh, info: dict) -> dict:
+  """The decode program's inputs (prefill's outputs) with the sampler's own layout: cache
+  ``(None, batch, cache_length, kv_heads, head_dim)``, per-row arrays over the batch axes."""
+  from papo_jax.sampling.sampler import CACHE_AXES
+
+  def spec(path, a):
+    name = jax.tree_util.keystr(path)
+    if "cache" in name:
+      names = CACHE_AXES
+    elif "pos" in name:
+      names = (None, "batch", None)
+    else:
+      names = ("batch",) + (None,) * (len(a.shape) - 1)
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=_spec(mesh, a.shape, names[:len(a.shape)]))
+  return jax.tree_util.tree_map_with_path(spec, info)
+
+
+def extrapolate(small: list[Report], large: list[Report], n_small: int, n_large: int, n_full: int) -> list[Report]:
+  """Per-program linear extrapolation in depth: value(L) = v(a) + (v(b) - v(a)) (L - a) / (b - a).
+
+  Memory, XLA/HLO FLOPs and HBM bytes are extrapolated; code size is the larger; model FLOPs,
+  Pallas FLOPs and resident bytes are already for the full model (analytic / from layer count).
+  """
+  out = []
+  f = (n_full - n_small) / max(1, n_large - n_small)
+  for a, b in zip(small, large):
+    if "compiler OOM" in a.note + b.note:   # nothing to extrapolate: already too large when shortened
+      worst, n = (a, n_small) if "compiler OOM" in a.note else (b, n_large)
+      out.append(dataclasses.replace(worst, note=worst.note + f" at {n} of {n_full} layers"))
+      continue
+    lin = lambda x, y: max(0.0, x + (y - x) * f)
+    out.append(dataclasses.replace(
+        b, compile_s=a.compile_s + b.compile_s, argument=lin(a.argument, b.argument), output=lin(a.output, b.output),
+        alias=lin(a.alias, b.alias), temp=lin(a.temp, b.temp), code=max(a.code, b.code),
+        resident=lin(a.resident, b.resident), xla_flops=lin(a.xla_flops, b.xla_flops),
+        hlo_flops=lin(a.hlo_flops, b.hlo_flops), kernel_flops=b.kernel_flops, hbm_bytes=lin(a.hbm_bytes, b.hbm_bytes),
+        note=(b.note + "; " if b.note else "") + f"extrapolated from {n_small}/{n_large} layers"))
+  return out
+
+
+def scale_kernel_flops(reports: list[Report], mc_short, mc_full):
+  """Pallas FLOPs were counted on the shortened model: scale them to the full depth."""
+  ratio = mc_full.text.num_hidden_layers / mc_short.text.num_hidden_layers
+  return [dataclasses.replace(r, kernel_flops=r.kernel_flops * ratio) for r in reports]
+
+
+# ============================================================================================
+# Command line
+# ============================================================================================
+
+
+def define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Run config (a configs/*.py file, optionally :variant).")
+  flags.DEFINE_string("topology", "v5e:2x4", "TPU topology: v5e:2x4, v5p:2x2x1, v5p:2x2x2, v6e:2x4, v4:2x2x1.")
+  flags.DEFINE_integer("layers", 0, "Compile N and 2N decoder layers (vision in proportion) and extrapolate.")
+  flags.DEFINE_string("arch", "", f"Architecture when model.path has no config.json: {sorted(ARCHITECTURES)}.")
+  flags.DEFINE_list("programs", ["train_step", "logprob_pass", "prefill", "decode"], "Programs to compile.")
+  flags.DEFINE_integer("prompt_len", 0, "Prompt bucket (0: the largest of data.prompt_length_buckets).")
+  flags.DEFINE_integer("images_per_row", 1, "Images per prompt.")
+  flags.DEFINE_integer("chunk_prompts", 0, "Rollout chunk in prompts (0: rollout.chunk_prompts or the KV budget).")
+  flags.DEFINE_string("label", "", "Config label of the markdown rows (default: the --config argument).")
+  flags.mark_flags_as_required(["config"])
+
+
+def _config_argument(argv) -> str:
+  for i, x in enumerate(argv):
+    if x.startswith("--config="):
+      return x.split("=", 1)[1]
+    if x == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return ""
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  F = flags.FLAGS
+  c = F.config
+  target = get_target(F.topology)
+  config_arg = _config_argument(sys.argv)
+  hf = hf_architecture(c, config_arg, F.arch)
+  full = model_config(c, hf)
+  dev = target.per_device
+  print(peak_table())
+  print(f"\nmodel: {full.model_type} {full.text.num_hidden_layers} layers, vision {full.vision.depth} blocks; "
+        f"remat={full.remat} attention={full.attention} dtype={full.dtype} params={full.param_dtype}")
+  kw = dict(programs=tuple(F.programs), prompt_len=F.prompt_len, images_per_row=F.images_per_row,
+            chunk_prompts=F.chunk_prompts, full_mc=full)
+  if F.layers:
+    a, b = F.layers, min(2 * F.layers, full.text.num_hidden_layers)
+    if b == a:
+      reports = compile_programs(c, full, target, **kw)
+    else:
+      print(f"\n--layers={a}: compiling {a} and {b} decoder layers; figures below are EXTRAPOLATED linearly to "
+            f"{full.text.num_hidden_layers} layers")
+      ma, mb_ = shortened(full, a), shortened(full, b)
+      ra = scale_kernel_flops(compile_programs(c, ma, target, **kw), ma, full)
+      # A program already too large when shortened is not compiled again.
+      again = tuple(r.name for r in ra if not _oom(r))
+      rb = scale_kernel_flops(compile_programs(c, mb_, target, **{**kw, "programs": again}), mb_, full) if again else []
+      by_name = {r.name: r for r in rb}
+      reports = extrapolate(ra, [by_name.get(r.name, r) for r in ra], a, b, full.text.num_hidden_layers)
+      print("\nextrapolated to the full depth:")
+      for r in reports:
+        print(format_report(r, dev))
+  else:
+    reports = compile_programs(c, full, target, **kw)
+  label = F.label or os.path.basename(config_arg)
+  print("\n" + TABLE_HEADER)
+  for r in reports:
+    print(table_row(label, F.topology, r, dev))
+  bad = [r for r in reports if not fits(r, dev)]
+  for r in bad:
+    print(f"error: {r.name} needs {_g(r.peak_bytes)} GiB per chip, above {dev.hbm_gib:.0f} GiB: {r.hint}",
+          file=sys.stderr)
+  sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+  from absl import app
+  define_flags()
+  app.run(main)

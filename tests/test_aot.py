@@ -1,0 +1,224 @@
+"""The ahead-of-time TPU compile tool, the rollout budget and the FLOP / roofline arithmetic.
+
+The TPU compiles need libtpu (``pip install -e '.[aot]'``); they run in a subprocess with
+their own environment (the rest of the suite keeps JAX_PLATFORMS=cpu and never loads
+libtpu) and are skipped, with the reason, when libtpu is not importable. PAPO_AOT_PYTHON
+may name an interpreter that has it (e.g. a separate virtual environment).
+"""
+
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from papo_jax import aot, models
+from papo_jax.sampling import budget
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _mc(name):
+  return models.from_hf_dict(aot.ARCHITECTURES[name])
+
+
+# -- rollout budget ---------------------------------------------------------------------------
+
+
+def test_kv_bytes_per_token_by_hand():
+  assert budget.kv_bytes_per_token(_mc("Qwen2.5-VL-3B-Instruct").text) == 36 * 2 * 2 * 128 * 2
+  assert budget.kv_bytes_per_token(_mc("Qwen2.5-VL-7B-Instruct").text, "float32") == 28 * 2 * 4 * 128 * 4
+  assert budget.kv_bytes_per_token(_mc("Qwen3-VL-2B-Instruct").text) == 28 * 2 * 8 * 128 * 2
+
+
+def test_rollout_bytes_per_prompt_by_hand():
+  mc = _mc("Qwen2.5-VL-3B-Instruct")
+  m = budget.rollout_bytes_per_prompt(mc, n_samples=5, prompt_len=4096, max_new_tokens=2048)
+  kv = 36864
+  assert m.decode_cache == 5 * 6144 * kv
+  assert m.prefill_cache == 4096 * kv
+  assert m.prefill_activations == 4096 * (6 * 2048 + 3 * 11008) * 2
+  assert m.logits == 5 * 151936 * 4 * 6
+  assert m.total == m.decode_cache + m.prefill_cache + m.prefill_activations + m.logits
+  mv = budget.rollout_bytes_per_prompt(mc, n_samples=5, prompt_len=4096, max_new_tokens=2048, patches_per_prompt=5120)
+  assert mv.vision == 5120 * (1176 * 4 + (6 * 1280 + 3 * 3420) * 2) and mv.total == m.total + mv.vision
+
+
+def test_rollout_chunk_prompts_fits_divides_and_shards():
+  mc = _mc("Qwen2.5-VL-3B-Instruct")
+  kw = dict(n_samples=5, prompt_len=4096, max_new_tokens=2048)
+  per = budget.rollout_bytes_per_prompt(mc, **kw).total
+  # Exactly 52 prompts' worth over 8 chips: 48 is the largest multiple of 8 dividing 384 below it.
+  b = budget.rollout_chunk_prompts(mc, **kw, hbm_bytes_budget=52 * per / 8 + 1, n_devices=8, total_prompts=384)
+  assert b == 48 and 384 % b == 0 and b * per / 8 <= 52 * per / 8 + 1
+  # A huge budget caps at the whole batch; a budget for 9 prompts on 1 chip gives 9 (no divisor needed to fit).
+  assert budget.rollout_chunk_prompts(mc, **kw, hbm_bytes_budget=1e15, n_devices=8, total_prompts=384) == 384
+  assert budget.rollout_chunk_prompts(mc, **kw, hbm_bytes_budget=9.5 * per, n_devices=1, total_prompts=384) == 8
+  assert budget.rollout_chunk_prompts(mc, **kw, hbm_bytes_budget=9.5 * per, n_devices=1, total_prompts=387) == 9
+  # Batch shards: a multiple of 4 prompts.
+  assert budget.rollout_chunk_prompts(mc, **kw, hbm_bytes_budget=7 * per / 2, n_devices=2, total_prompts=100,
+                                      batch_shards=4) == 4
+
+
+def test_rollout_chunk_prompts_too_small_names_the_setting():
+  mc = _mc("Qwen2.5-VL-3B-Instruct")
+  with pytest.raises(ValueError, match="rollout.kv_budget_gb"):
+    budget.rollout_chunk_prompts(mc, n_samples=5, prompt_len=4096, max_new_tokens=2048, hbm_bytes_budget=2**30,
+                                 n_devices=8, total_prompts=384)
+
+
+# -- analytic FLOPs and roofline ----------------------------------------------------------------
+
+
+def test_matmul_params_match_the_published_parameter_counts():
+  """Matmul weights by hand for the 3B; for all three the sum is within 0.1% of the published count
+  (the rest are biases and norms)."""
+  p = aot.matmul_params(_mc("Qwen2.5-VL-3B-Instruct"))
+  assert p.text_per_token == 36 * (2048 * 128 * (2 * 16 + 2 * 2) + 3 * 2048 * 11008)
+  assert p.head_per_token == 2048 * 151936
+  merger = 5120 * 5120 + 5120 * 2048
+  assert p.vision_per_patch == 1176 * 1280 + 32 * (4 * 1280 ** 2 + 3 * 1280 * 3420) + merger // 4
+  published = {"Qwen2.5-VL-3B-Instruct": (3_754_622_976, 1), "Qwen2.5-VL-7B-Instruct": (8_292_166_656, 2),
+               "Qwen3-VL-2B-Instruct": (2_127_532_032, 1)}
+  for name, (count, embeddings) in published.items():
+    mc = _mc(name)
+    q = aot.matmul_params(mc)
+    v = mc.vision
+    unit = v.spatial_merge_size ** 2
+    mlp = (2 if mc.model_type == "qwen3_vl" else 3) * v.hidden_size * v.intermediate_size
+    mergers = (1 + len(v.deepstack_visual_indexes)) * ((v.hidden_size * unit) ** 2
+                                                       + v.hidden_size * unit * v.out_hidden_size)
+    vision = v.patch_dim * v.hidden_size + v.depth * (4 * v.hidden_size ** 2 + mlp) + mergers
+    total = q.text_per_token + embeddings * q.head_per_token + vision + v.num_position_embeddings * v.hidden_size
+    assert abs(total - count) / count < 1e-3, (name, total, count)
+
+
+def test_train_step_flops_by_hand():
+  """6·N·tokens + 3x forward attention, for 2 rows of 4096 + 2048 tokens and 5120 patches of the 3B."""
+  mc = _mc("Qwen2.5-VL-3B-Instruct")
+  rows, l, t, patches = 2, 6144, 2048, 5120 * 2
+  text = 36 * (2048 * 128 * 36 + 3 * 2048 * 11008)
+  head = 2048 * 151936
+  vis = 1176 * 1280 + 32 * (4 * 1280 ** 2 + 3 * 1280 * 3420) + (5120 * 5120 + 5120 * 2048) // 4
+  attn_text = 2.0 * rows * l * l * 16 * 128 * 36
+  attn_vis = 4.0 * patches * 1280 * (4 * 5120 + 28 * 64)    # 4 full blocks, 28 windowed (8x8 patches)
+  fwd = 2.0 * (text * rows * l + head * rows * t + vis * patches) + attn_text + attn_vis
+  got = aot.train_step_flops(mc, rows=rows, length=l, response=t, patches=patches, patches_per_image=5120)
+  assert got == pytest.approx(3 * fwd, rel=1e-12)
+  got2 = aot.train_step_flops(mc, rows=rows, length=l, response=t, patches=patches, patches_per_image=5120,
+                              extra_forwards=2)
+  assert got2 == pytest.approx(5 * fwd, rel=1e-12)
+  # Decode: 3 steps of 10 rows over a cache of prompt + steps + 1 slots.
+  dec = aot.decode_flops(mc, rows=10, prompt_len=100, steps=3)
+  assert dec == pytest.approx(3 * (2.0 * (text + head) * 10 + 4.0 * 10 * 104 * 16 * 128 * 36), rel=1e-12)
+
+
+def test_roofline_and_mfu_by_hand():
+  chip = aot.CHIPS["v5p"]
+  r = aot.Report("x", 0, argument=10 * aot.GiB, output=2 * aot.GiB, alias=2 * aot.GiB, temp=50 * aot.GiB,
+                 code=aot.GiB, resident=3 * aot.GiB, xla_flops=0, hlo_flops=400e12, kernel_flops=59e12,
+                 model_flops=0.6 * 459e12, hbm_bytes=0.5 * 2765e9)
+  t, mfu = aot.roofline(r, chip)
+  assert t == pytest.approx(1.0) and mfu == pytest.approx(0.6)
+  assert r.peak_bytes == 64 * aot.GiB and aot.fits(r, chip)
+  # Memory-bound: 3 s of HBM traffic.
+  t, mfu = aot.roofline(dataclasses.replace(r, hbm_bytes=3 * 2765e9), chip)
+  assert t == pytest.approx(3.0) and mfu == pytest.approx(0.2)
+  assert not aot.fits(dataclasses.replace(r, temp=90 * aot.GiB), chip)
+  row = aot.table_row("3b", "v5p:2x2x1", r, chip)
+  assert row.startswith("| 3b | v5p:2x2x1 | x | yes | 64.00 (95) |") and row.endswith("| 60% |")
+
+
+def test_extrapolate_is_linear_in_depth():
+  base = aot.Report("p", 1.0, argument=4, output=1, alias=0, temp=10, code=5, resident=0, xla_flops=100,
+                    hlo_flops=200, kernel_flops=7, model_flops=9, hbm_bytes=30)
+  two = dataclasses.replace(base, argument=6, temp=14, code=4, xla_flops=150, hlo_flops=300, hbm_bytes=40)
+  (r,) = aot.extrapolate([base], [two], 1, 2, 36)
+  assert (r.argument, r.temp, r.code, r.hlo_flops, r.hbm_bytes) == (4 + 2 * 35, 10 + 4 * 35, 5, 200 + 100 * 35,
+                                                                     30 + 10 * 35)
+  assert (r.kernel_flops, r.model_flops) == (7, 9) and "extrapolated" in r.note
+
+
+def test_shortened_model_keeps_the_block_mix():
+  mc = aot.shortened(_mc("Qwen2.5-VL-3B-Instruct"), 9)
+  assert mc.text.num_hidden_layers == 9 and mc.vision.depth == 8 and mc.vision.fullatt_block_indexes == (7,)
+  q = aot.shortened(_mc("Qwen3-VL-2B-Instruct"), 7)
+  assert q.vision.depth == 6 and q.vision.deepstack_visual_indexes == (5,)
+
+
+def test_hlo_cost_counts_loop_trips():
+  """A 7-step scan of [16, 32] @ [32, 24]: XLA's cost_analysis counts the body once; the re-count 7 times."""
+  w = jnp.ones((32, 24), jnp.float32)
+
+  def f(x_7x16x32):
+    return jax.lax.scan(lambda c, x: (c + jnp.sum(x @ w), None), 0.0, x_7x16x32)[0]
+
+  text = jax.jit(f).lower(jax.ShapeDtypeStruct((7, 16, 32), jnp.float32)).compile().as_text()
+  flops, hbm = aot.hlo_cost(text)
+  assert flops == 7 * 2 * 16 * 32 * 24
+  assert hbm > 7 * 16 * 32 * 4      # every step reads its slice at least
+
+
+# -- TPU compiles (libtpu) ----------------------------------------------------------------------
+
+
+def _aot_python():
+  exe = os.environ.get("PAPO_AOT_PYTHON")
+  if exe:
+    return exe
+  if importlib.util.find_spec("libtpu") is not None:
+    return sys.executable
+  pytest.skip("libtpu is not importable (pip install -e '.[aot]', or set PAPO_AOT_PYTHON to an interpreter "
+              "that has it); TPU ahead-of-time compiles are skipped")
+
+
+def _run(args, timeout=600):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
+  env.update(JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1", PYTHONPATH=ROOT,
+             TPU_ACCELERATOR_TYPE="v5litepod-4", TPU_WORKER_HOSTNAMES="localhost")
+  return subprocess.run([_aot_python(), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+PALLAS_PROBE = r"""
+import numpy as np, jax, jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from papo_jax import aot
+from papo_jax.models import attention
+from papo_jax.parallel import use_mesh_rules
+devs = aot.get_target("v5e:2x2").devices
+mesh = Mesh(np.asarray(devs).reshape(4, 1, 1), ("data", "fsdp", "tensor"))
+x = jax.ShapeDtypeStruct((4, 256, 2, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))
+s = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=NamedSharding(mesh, P("data")))
+# A fresh jit each time: jit's trace cache does not see the context.
+f = lambda: jax.jit(lambda q, k, v, seg: attention.causal_attention(q, k, v, seg, scale=0.1, backend="pallas_tpu",
+                                                                    block=128))
+with aot.tpu_attention_target(), use_mesh_rules(mesh):   # the kernel runs per shard (shard_map)
+  assert attention.jax.default_backend() == "tpu"
+  tpu = f().lower(x, x, x, s).as_text()
+# Outside the context the module sees the host backend again (interpret mode off TPU).
+print("MOSAIC" if "tpu_custom_call" in tpu else "NO-MOSAIC", attention.jax.default_backend())
+"""
+
+
+def test_pallas_attention_lowers_through_mosaic_for_a_tpu_target():
+  r = _run(["-c", PALLAS_PROBE], timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "MOSAIC cpu" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def test_tiny_config_compiles_for_a_tpu_topology():
+  """The tool end to end: the tiny config's train step, prefill and decode for v5e:2x2 (small shapes, XLA
+  attention to keep CI fast; the Mosaic path is the test above), a markdown row each, exit status 0."""
+  r = _run(["-m", "papo_jax.aot", "--config=configs/tiny.py", "--topology=v5e:2x2", "--prompt_len=64",
+            "--programs=train_step,prefill,decode", "--config.model.attention=xla", "--config.data.batch_size=8",
+            "--config.rollout.n=2", "--config.rollout.max_new_tokens=8"])
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  out = r.stdout
+  for program in ("train_step", "prefill", "decode"):
+    assert f"| tiny.py | v5e:2x2 | {program}" in out, out
+  assert "mesh {'data': 4, 'fsdp': 1, 'tensor': 1} on 4 x TPU v5 lite" in out
+  assert out.count(": fits") == 3
