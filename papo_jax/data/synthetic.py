@@ -67,8 +67,8 @@ def _objects(rng, kind, difficulty, image_size):
   lo, hi = 1 + difficulty, 2 + 2 * difficulty
   n = int(rng.integers(lo, hi + 1))
   smin, smax = max(6, image_size // 8), max(10, image_size // 3)
-  if kind == "color":  # one shape, at least 40% of the image wide: easy to see, cheap to draw
-    size = int(rng.integers(max(6, (2 * image_size) // 5), max(7, (3 * image_size) // 4) + 1))
+  if kind == "color":  # one shape, 55-85% of the image wide: it covers most patches, cheap to draw
+    size = int(rng.integers(max(6, (11 * image_size) // 20), max(7, (17 * image_size) // 20) + 1))
     return [(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), size)]
   if kind == "left_right":
     objs = [("circle", rng.choice(list(COLORS)), None), ("square", rng.choice(list(COLORS)), None)]
