@@ -3,9 +3,11 @@
     python -m papo_jax.train --config=configs/tiny.py --workdir=/tmp/papo_tiny
     python -m papo_jax.train --config=configs/tiny.py:grpo --workdir=/tmp/grpo_tiny
 
-Hardware: a laptop / 2-core CPU, a few minutes. A short supervised warm-up teaches the
-answer format with *random* answers of the right kind (so it starts at chance accuracy);
-RL must then learn to read the image: mean reward rises from ~0.3-0.4 to well above.
+Hardware: a laptop / 2-core CPU, a few minutes. The task is the synthetic "What colour is
+the shape?" (one large red/green/blue/yellow shape in a 56 px image): the question text never
+changes, so a model that ignores the image stays at chance (1 in 4). A short supervised
+warm-up teaches the answer format with *random* colours (so RL starts at chance accuracy);
+RL must then learn to read the image. Held-out accuracy: 256 unseen images, greedy.
 Variants: papo_g (default), grpo, papo_g_no_ref_kl, dapo, papo_d; a ``qwen3_`` prefix (or just
 ``qwen3``, i.e. qwen3_papo_g) swaps in a tiny random Qwen3-VL (DeepStack, interleaved MRoPE,
 qk-norm; patch 16, so the 56 px synthetic images are resized to 64 px = 4 image tokens):
@@ -30,27 +32,30 @@ def get_config(variant: str = "papo_g"):
   c.data.source = "synthetic"
   c.data.min_pixels = 56 * 56
   c.data.max_pixels = 56 * 56
-  c.data.max_prompt_length = 256
-  c.data.prompt_length_buckets = (128, 256)
+  c.data.max_prompt_length = 96            # the colour question's prompt is 70 tokens
+  c.data.prompt_length_buckets = (80,)
   c.data.batch_size = 16
   c.data.num_threads = 2
   c.data.synthetic_num_records = 4096
   c.data.synthetic_image_size = 56
+  c.data.synthetic_kinds = ("color",)
   c.val.source = "synthetic"
-  c.val.every = 20
+  c.val.every = 10
+  c.val.batches = 4
+  c.val.batch_size = 64
   c.rollout.n = 5
   c.rollout.top_p = 1.0
-  c.rollout.max_new_tokens = 16
+  c.rollout.max_new_tokens = 12            # "<think></think>\\boxed{yellow}" + end is 12 tokens
   c.rollout.cache_dtype = "float32"
   c.reward.name = "synthetic"
   c.reward.num_workers = 1
-  c.optim.lr = 1e-3
+  c.optim.lr = 3e-3
   c.optim.mini_batches = 1
   c.optim.micro_batches = 1
   c.optim.logprob_chunk = 16
-  c.train.steps = 120
-  c.train.warmup_sft_steps = 60
-  c.train.warmup_lr = 3e-3
+  c.train.steps = 80
+  c.train.warmup_sft_steps = 40
+  c.train.warmup_lr = 6e-3
   c.checkpoint.every = 10
   c.log.tensorboard = True
   if family == "qwen3_vl":   # factor 32: 64 x 64 px, the same 4 image tokens per image as 56 x 56 at factor 28

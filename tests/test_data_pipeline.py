@@ -191,3 +191,89 @@ def test_synthetic_pipeline_end_to_end(processor):
   it.close()
   assert b.input_ids.shape == (8, 96) and b.pixel_values.shape == (128, 1176)
   assert b.image_grid_thw[:8].tolist() == [[1, 4, 4]] * 8
+
+
+def _with_image(problem, h, w, i=0):
+  return {"problem": problem, "answer": "a", "images": [testing.encode(testing.natural_image(h, w, i))],
+          "kind": "k"}
+
+
+def test_oversized_image_and_special_token_skipped_with_record_id(processor, tmp_path, caplog):
+  # min = max = 56² (the tiny demo's range): a 40x60 image is scaled UP and rounded to
+  # 56x84 = 24 patches > the nominal 16; a literal control token in the text is skipped too.
+  from papo_jax.data import tiny_tokenizer as tt  # pylint: disable=g-import-not-at-top
+  d = str(tmp_path / "ckpt")
+  tt.build_tiny_checkpoint_files(d, min_pixels=56 * 56, max_pixels=56 * 56)
+  proc = proc_lib.Processor.from_pretrained(d)
+  assert proc.num_patches(40, 60) == 24 and proc.nominal_max_patches == 16
+  rows = [_with_image("<image>fine", 56, 56, 0), _with_image("<image>too wide", 40, 60, 1),
+          _with_image("<image>a <|image_pad|> in text", 56, 56, 2),
+          _with_image("<image>and <|vision_start|> here", 56, 56, 3), _with_image("<image>ok", 70, 70, 4)]
+  src = testing.ListSource(rows, "odd")
+  with caplog.at_level("WARNING"):
+    kept, counts = pipeline.prefilter(src, proc, 512, num_threads=1)
+  assert kept.tolist() == [0, 4]
+  assert counts == {"too_many_patches": 1, "special_token": 2}
+  log = caplog.text
+  assert "record 1 of odd" in log and "24 patches > 16" in log
+  assert "record 2 of odd" in log and "<|image_pad|>" in log
+  assert "record 3 of odd" in log and "<|vision_start|>" in log
+  # The true bound for the pixel range keeps the wide image (the model would then pad to it).
+  cap = proc_lib.max_patches_for(56 * 56, 56 * 56, 28, 14)
+  kept, counts = pipeline.prefilter(src, proc, 512, num_threads=1, max_image_patches=cap)
+  assert kept.tolist() == [0, 1, 4] and counts == {"special_token": 2}
+  # Through the iterator: the skipped records never reach a batch and are counted.
+  cfg = _cfg(batch_size=2, prompt_length_buckets=(256,), patch_buckets=(64,), image_buckets=(2,),
+             mask=masking.MaskConfig(enabled=False))
+  it = pipeline.PromptBatchIterator(cfg, proc, src)
+  b = next(it)
+  it.close()
+  assert set(b.record_ids.tolist()) <= {0, 4}
+  assert b.stats["prefilter/too_many_patches"] == 1 and b.stats["prefilter/special_token"] == 2
+
+
+def test_environment_error_is_not_a_bad_record(processor, monkeypatch):
+  # A missing package (transformers raises ImportError for jinja2) must stop the run with
+  # its own message, not drop every record as 'other'.
+  def no_jinja(*a, **k):
+    raise ImportError("apply_chat_template requires jinja2 to be installed.")
+  src = testing.ListSource([_with_image("<image>x", 56, 56, i) for i in range(4)], "env")
+  monkeypatch.setattr(processor, "prompt_text", no_jinja)
+  for threads in (1, 2):
+    with pytest.raises(pipeline.EnvironmentProblem, match=r"record \d of env: ImportError: .*jinja2.*not a malformed"):
+      pipeline.prefilter(src, processor, 512, num_threads=threads)
+  with pytest.raises(pipeline.EnvironmentProblem, match="jinja2"):
+    pipeline.process_record(0, src, processor, 512, False)
+  monkeypatch.undo()
+  # A record's own fault is still a drop with a reason.
+  out = pipeline.process_record(0, testing.ListSource([{"problem": "no image", "answer": "a",
+                                                        "images": [testing.encode(testing.natural_image(9, 9))]}],
+                                                      "bad"), processor, 512, False)
+  assert out["ok"] is False and out["reason"] == "placeholder_mismatch"
+
+
+def test_synthetic_color_task_needs_the_image(processor):
+  recs = synthetic.make_records(400, seed=0, kinds=("color",))
+  assert {r["kind"] for r in recs} == {"color"}
+  assert len({r["problem"] for r in recs}) == 1          # the text says nothing about the answer
+  counts = collections.Counter(r["answer"] for r in recs)
+  assert set(counts) == set(synthetic.COLORS)            # 4 classes: chance is 1/4
+  assert min(counts.values()) > 60
+  from papo_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
+  for r in recs[:50]:                                    # the answer's colour is what is drawn
+    img = images_lib.decode_image(r["images"][0]["bytes"]).reshape(-1, 3).astype(int)
+    rgb = np.asarray(synthetic.COLORS[r["answer"]])
+    assert (np.abs(img - rgb).sum(1) < 30).mean() > 0.05
+    for other, c in synthetic.COLORS.items():
+      if other != r["answer"]:
+        assert (np.abs(img - np.asarray(c)).sum(1) < 30).mean() == 0
+  assert synthetic.make_records(3, seed=1, kinds=("color",)) != recs[:3]
+  with pytest.raises(ValueError, match="unknown"):
+    synthetic.make_example(0, kinds=("colour",))
+  cfg = _cfg(source="synthetic", synthetic_num_records=16, synthetic_kinds=["color"], batch_size=8,
+             prompt_length_buckets=(96, 128), patch_buckets=(128,), image_buckets=(8,))
+  assert cfg.synthetic_kinds == ("color",)
+  it = pipeline.make_iterator(cfg, processor)
+  b = next(it)
+  it.close()
+  assert set(b.kinds) == {"color"} and set(b.answers) <= set(synthetic.COLORS)

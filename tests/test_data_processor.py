@@ -221,3 +221,29 @@ def test_qwen3_template_has_no_default_system_prompt(qwen3_dirs):
   qwen25 = proc_lib.Processor.from_pretrained(qwen25_dir)
   assert qwen25.prompt_text("hi")[0].startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
   assert not qwen25.thinking
+
+
+def _brute_max_patches(lo, hi, f, p, h_max, w_max):
+  best = 0
+  for h in range(1, h_max + 1):
+    for w in range(h, min(200 * h, w_max) + 1):
+      rh, rw = proc_lib.smart_resize(h, w, f, lo, hi)
+      best = max(best, rh * rw)
+  return best // (p * p)
+
+
+@pytest.mark.parametrize("lo,hi,f,p", [(56 * 56, 56 * 56, 28, 14), (64 * 64, 64 * 64, 32, 16),
+                                       (28 * 28, 56 * 56, 28, 14)])
+def test_max_patches_for_is_the_true_maximum(lo, hi, f, p):
+  # Brute force over sizes up to aspect 200 (the maximisers are thin images: h = 1 or ~f/2).
+  bound = proc_lib.max_patches_for(lo, hi, f, p)
+  assert bound == _brute_max_patches(lo, hi, f, p, 16, 3000)
+  assert bound > hi // p ** 2          # the nominal bound is wrong for these ranges
+
+
+def test_max_patches_for_real_ranges_and_known_cases():
+  # Qwen2.5-VL's defaults: thin images cannot beat max_pixels, so the nominal bound holds.
+  assert proc_lib.max_patches_for(200704, 1003520, 28, 14) == 1003520 // 196
+  assert proc_lib.max_patches_for(3136, 28 * 28 * 1280, 28, 14) == 28 * 28 * 1280 // 196
+  h, w = proc_lib.smart_resize(40, 60, 28, 56 * 56, 56 * 56)
+  assert (h, w) == (56, 84) and h * w // 196 == 24 <= proc_lib.max_patches_for(3136, 3136, 28, 14)

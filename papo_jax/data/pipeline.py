@@ -32,6 +32,7 @@ from papo_jax.data import images as images_lib
 from papo_jax.data import masking
 from papo_jax.data import processor as proc_lib
 from papo_jax.data import sources as sources_lib
+from papo_jax.data import synthetic as synthetic_lib
 
 
 @dataclasses.dataclass
@@ -66,6 +67,11 @@ class DataConfig:
   synthetic_difficulty: int = 1
   synthetic_image_size: int = 56
   synthetic_seed: int = 0
+  # The most patches one resized image may have (the model pads each image to it); a record
+  # with a bigger one is skipped ('too_many_patches'). 0: max_pixels // patch_size², the
+  # nominal bound; processor.max_patches_for gives the true one for the pixel range.
+  max_image_patches: int = 0
+  synthetic_kinds: tuple = synthetic_lib.KINDS   # question kinds drawn (synthetic.ALL_KINDS)
   process_index: Optional[int] = None  # None: jax.process_index()
   process_count: Optional[int] = None
 
@@ -73,6 +79,8 @@ class DataConfig:
     # Accept what a ConfigDict hands over: lists for tuples, a dict for the mask group.
     for name in ("prompt_length_buckets", "patch_buckets", "image_buckets"):
       setattr(self, name, tuple(int(b) for b in getattr(self, name)))
+    self.synthetic_kinds = ((self.synthetic_kinds,) if isinstance(self.synthetic_kinds, str)
+                            else tuple(str(k) for k in self.synthetic_kinds))
     if not isinstance(self.mask, masking.MaskConfig):
       self.mask = masking.MaskConfig(**dict(self.mask))
     if self.batch_size <= 0 or self.max_prompt_length <= 0:
@@ -89,7 +97,8 @@ def make_source(cfg):
   if cfg.source == "synthetic":
     return sources_lib.SyntheticSource(
         num_records=cfg.synthetic_num_records, seed=cfg.synthetic_seed,
-        difficulty=cfg.synthetic_difficulty, image_size=cfg.synthetic_image_size)
+        difficulty=cfg.synthetic_difficulty, image_size=cfg.synthetic_image_size,
+        kinds=cfg.synthetic_kinds)
   return sources_lib.make_source(cfg.source, cfg.path, cfg.fields)
 
 
@@ -243,6 +252,24 @@ def concat_batches(batches, pad_id):
       problems=sum((list(b.problems) for b in batches), []), stats=stats)
 
 
+# Failures of the environment, not of a record: a missing package (transformers' chat
+# templates need jinja2), no memory, a broken install. These must stop the run with their
+# own message instead of being counted as malformed records.
+_ENVIRONMENT_ERRORS = (ImportError, MemoryError, RecursionError, SystemError)
+
+
+class EnvironmentProblem(RuntimeError):
+  """The environment (a missing package, ...), not the data, fails every record."""
+
+
+def _raise_if_environment(exc, where):
+  if isinstance(exc, _ENVIRONMENT_ERRORS):
+    hint = (" (a missing package: `pip install -e .` installs everything the data pipeline needs)"
+            if isinstance(exc, ImportError) else "")
+    raise EnvironmentProblem(f"{where}: {type(exc).__name__}: {exc}{hint}; this is an environment "
+                             "error, not a malformed record") from exc
+
+
 def _reason_of(exc):
   if isinstance(exc, sources_lib.RecordError):
     return exc.reason
@@ -259,12 +286,23 @@ class PlaceholderMismatch(ValueError):
   pass
 
 
-def check_record(rec, processor, max_prompt_length):
-  """Cheap checks (text + image headers): placeholders, aspect, length; raises."""
+def check_record(rec, processor, max_prompt_length, max_image_patches=0):
+  """Cheap checks (text + image headers): placeholders, special tokens, aspect, patches, length; raises.
+
+  max_image_patches: the most patches an image may have after resizing (0: the
+  processor's nominal bound, max_pixels // patch_size², which the model is built with).
+  """
   where = f"record {rec['record_id']} of {rec['origin']}"
   n_ph = rec["problem"].count(proc_lib.IMAGE_PLACEHOLDER)
   if n_ph != len(rec["images"]):
     raise PlaceholderMismatch(f"{where}: {n_ph} <image> placeholders but {len(rec['images'])} images")
+  special = processor.special_tokens_in(rec["problem"])
+  if special:
+    # The tokenizer would encode it as the control token itself: an <|image_pad|> adds an
+    # image slot with no image, a <|vision_start|> breaks the position ids.
+    raise sources_lib.RecordError("special_token", f"{where}: the problem's text contains the special "
+                                  f"token(s) {', '.join(special)}")
+  cap = max_image_patches or processor.nominal_max_patches
   sizes = []
   for k, data in enumerate(rec["images"]):
     try:
@@ -273,6 +311,12 @@ def check_record(rec, processor, max_prompt_length):
       raise images_lib.ImageDecodeError(f"{where}, image {k}: {e}") from e
     if max(h, w) / max(1, min(h, w)) > 200:
       raise proc_lib.AspectRatioError(f"{where}, image {k}: aspect ratio {h}x{w} > 200")
+    n_patch = processor.num_patches(h, w)
+    if n_patch > cap:
+      raise sources_lib.RecordError(
+          "too_many_patches", f"{where}, image {k}: {h}x{w} px resizes to {n_patch} patches > {cap} "
+          f"(the model's max_image_patches; min_pixels={processor.image.min_pixels}, "
+          f"max_pixels={processor.image.max_pixels})")
     sizes.append((h, w))
   n = processor.prompt_length(rec["problem"], sizes)
   if n > max_prompt_length:
@@ -281,13 +325,18 @@ def check_record(rec, processor, max_prompt_length):
   return n
 
 
-def prefilter(source, processor, max_prompt_length, num_threads=4):
-  """Ids of records passing `check_record`, and drop counts by reason."""
+def prefilter(source, processor, max_prompt_length, num_threads=4, max_image_patches=0):
+  """Ids of records passing `check_record`, and drop counts by reason.
+
+  Raises `EnvironmentProblem` when a record fails for a reason that is not the record's
+  (a missing package, ...), instead of dropping every record as `other`.
+  """
   def one(i):
     try:
-      check_record(source.record(i), processor, max_prompt_length)
+      check_record(source.record(i), processor, max_prompt_length, max_image_patches)
       return i, None, None
     except Exception as e:  # pylint: disable=broad-except
+      _raise_if_environment(e, f"record {i} of {source.name}")
       return i, _reason_of(e), str(e)
 
   kept, counts = [], collections.Counter()
@@ -310,11 +359,14 @@ def prefilter(source, processor, max_prompt_length, num_threads=4):
   return np.asarray(kept, np.int64), dict(counts)
 
 
-def process_record(record_id, source, processor, max_prompt_length, keep_raw):
-  """record id → processed example dict, or {'ok': False, reason, message}. Never raises."""
+def process_record(record_id, source, processor, max_prompt_length, keep_raw, max_image_patches=0):
+  """record id → processed example dict, or {'ok': False, reason, message}.
+
+  Raises only `EnvironmentProblem` (see `prefilter`); a bad record is reported, not raised.
+  """
   try:
     rec = source.record(int(record_id))
-    check_record(rec, processor, max_prompt_length)
+    check_record(rec, processor, max_prompt_length, max_image_patches)
     where = f"record {rec['record_id']} of {rec['origin']}"
     imgs = []
     for k, data in enumerate(rec["images"]):
@@ -327,6 +379,7 @@ def process_record(record_id, source, processor, max_prompt_length, keep_raw):
                problem=rec["problem"], raw_images=imgs if keep_raw else None)
     return out
   except Exception as e:  # pylint: disable=broad-except
+    _raise_if_environment(e, f"record {int(record_id)} of {source.name}")
     return {"ok": False, "record_id": int(record_id), "reason": _reason_of(e), "message": str(e)}
 
 
@@ -346,9 +399,10 @@ class PromptBatchIterator:
     self.per_host_batch = cfg.batch_size // self.process_count
     self.buckets = resolve_buckets(cfg, self.per_host_batch)
     self.kept_ids, self.prefilter_counts = prefilter(
-        self.source, processor, cfg.max_prompt_length, max(1, cfg.num_threads))
+        self.source, processor, cfg.max_prompt_length, max(1, cfg.num_threads), cfg.max_image_patches)
     if len(self.kept_ids) < self.process_count:
-      raise ValueError(f"{self.source.name}: only {len(self.kept_ids)} usable records")
+      raise ValueError(f"{self.source.name}: only {len(self.kept_ids)} usable records "
+                       f"(dropped by reason: {self.prefilter_counts}; the warnings above show examples)")
     self._pool = (concurrent.futures.ThreadPoolExecutor(cfg.num_threads)
                   if cfg.num_threads > 1 else None)
     self._reset(batch_index=0, grain_state=None, totals={})
@@ -364,7 +418,8 @@ class PromptBatchIterator:
     ds = ds[self.process_index::self.process_count]
     src, proc, max_len = self.source, self.processor, cfg.max_prompt_length
     keep_raw = cfg.mask.enabled
-    ds = ds.map(lambda rid: process_record(rid, src, proc, max_len, keep_raw))
+    cap = cfg.max_image_patches
+    ds = ds.map(lambda rid: process_record(rid, src, proc, max_len, keep_raw, cap))
     return ds.to_iter_dataset(grain.ReadOptions(
         num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch_buffer_size))
 

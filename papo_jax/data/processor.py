@@ -66,6 +66,39 @@ def smart_resize(height, width, factor=28, min_pixels=_DEFAULT_MIN_PIXELS,
   return h_bar, w_bar
 
 
+def max_patches_for(min_pixels, max_pixels, factor=28, patch=14, max_aspect=200):
+  """The most patches `smart_resize` can give any image of aspect ratio <= `max_aspect`.
+
+  Not max_pixels // patch²: smart_resize rounds to multiples of `factor` after scaling, so
+  (a) an image under min_pixels is scaled up and each side rounded UP (a 40x60 image with
+  min = max = 56² becomes 56x84, 24 patches > 16), and (b) an image over max_pixels whose
+  short side scales below one `factor` is clamped to `factor` while its long side keeps
+  its length. Both depend on the aspect ratio a only, so the bound is a maximum over a in
+  [1, max_aspect] of piecewise-constant functions, taken exactly at their breakpoints.
+  Returns an int (patches of patch x patch pixels).
+  """
+  f, lo, hi = int(factor), float(min_pixels), float(max_pixels)
+  # (c) inside the range after rounding: at most max_pixels.
+  best = (int(hi) // (f * f)) * f * f
+  # (a) scaled up to min_pixels: sides sqrt(lo/a), sqrt(lo*a), each rounded up to f.
+  def up(a):
+    return math.ceil(math.sqrt(lo / a) / f) * math.ceil(math.sqrt(lo * a) / f) * f * f
+  cuts = {1.0, float(max_aspect)}
+  for k in range(1, int(math.sqrt(lo * max_aspect) / f) + 2):
+    for a in (lo / (f * k) ** 2, (f * k) ** 2 / lo):  # where a side crosses k*f
+      if 1.0 <= a <= max_aspect:
+        cuts.add(a)
+  cuts = sorted(cuts)
+  # ceil is constant on each open interval; its value there is the one just past the left cut.
+  probes = cuts + [(x + y) / 2 for x, y in zip(cuts, cuts[1:])]
+  best = max(best, max(up(a) for a in probes))
+  # (b) scaled down to max_pixels with the short side clamped to f: the long side is
+  # sqrt(hi*a) floored to f, largest at a = max_aspect.
+  if hi / max_aspect < f * f:
+    best = max(best, f * math.floor(math.sqrt(hi * max_aspect) / f) * f)
+  return best // (patch * patch)
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageConfig:
   """The preprocessor_config.json numbers that matter (defaults: Qwen2.5-VL)."""
@@ -294,6 +327,27 @@ class Processor:
       if len(self._text_cache) < 4096:
         self._text_cache[text] = segs
     return segs
+
+  @property
+  def nominal_max_patches(self):
+    """max_pixels // patch²: the patch bound of an image inside the pixel range (see max_patches_for)."""
+    return self.image.max_pixels // self.image.patch_size ** 2
+
+  def num_patches(self, height, width):
+    """Patches (rows of pixel_values) of an image of (height, width) after resizing."""
+    rh, rw = resized_size(height, width, self.image)
+    return (rh // self.image.patch_size) * (rw // self.image.patch_size)
+
+  @functools.cached_property
+  def _special_tokens(self):
+    """The tokenizer's added tokens (control tokens and the like) other than text words."""
+    vocab = self.tokenizer.get_added_vocab() if hasattr(self.tokenizer, "get_added_vocab") else {}
+    toks = set(vocab) | set(getattr(self.tokenizer, "all_special_tokens", ()))
+    return tuple(sorted(t for t in toks if t.startswith("<") and t.endswith(">") and len(t) > 2))
+
+  def special_tokens_in(self, text):
+    """The tokenizer's special/added tokens that occur literally in `text` (sorted)."""
+    return [t for t in self._special_tokens if t in text]
 
   def tokens_per_image(self, grid_thw):
     t, h, w = (int(v) for v in grid_thw)

@@ -196,7 +196,8 @@ class SyntheticSource:
                kinds=synthetic_lib.KINDS):
     self.num_records, self.seed, self.difficulty = num_records, seed, difficulty
     self.image_size, self.kinds = image_size, tuple(kinds)
-    self.name = f"synthetic(seed={seed}, difficulty={difficulty})"
+    self.name = (f"synthetic(seed={seed}, difficulty={difficulty})" if self.kinds == synthetic_lib.KINDS
+                 else f"synthetic(seed={seed}, difficulty={difficulty}, kinds={','.join(self.kinds)})")
     self.fields = Fields()
 
   def __len__(self):

@@ -8,6 +8,11 @@ background, with questions of five `kind`s:
   largest_color  "What colour is the largest shape?"             → "blue"
   shape_color    "What shape is the green object?"               → "triangle"
   left_right     "Is the circle left or right of the square?"    → "left"
+  color          "What colour is the shape?"                     → "green"
+
+`color` (not among the default `KINDS`) is the demo task of configs/tiny.py: one large
+shape whose colour is the answer, so the question text is the same for every record and
+a model that ignores the image stays at chance (1 in 4); read the image and it is easy.
 
 Answers are canonical lowercase strings (a word or a small integer). `difficulty`
 (0, 1, 2, ...) raises the number of shapes, shrinks the size gaps and adds background
@@ -26,6 +31,7 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle")
 KINDS = ("count_color", "count_shape", "largest_color", "shape_color", "left_right")
+ALL_KINDS = KINDS + ("color",)
 _PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 
 
@@ -61,6 +67,9 @@ def _objects(rng, kind, difficulty, image_size):
   lo, hi = 1 + difficulty, 2 + 2 * difficulty
   n = int(rng.integers(lo, hi + 1))
   smin, smax = max(6, image_size // 8), max(10, image_size // 3)
+  if kind == "color":  # one shape, 55-85% of the image wide: it covers most patches, cheap to draw
+    size = int(rng.integers(max(6, (11 * image_size) // 20), max(7, (17 * image_size) // 20) + 1))
+    return [(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), size)]
   if kind == "left_right":
     objs = [("circle", rng.choice(list(COLORS)), None), ("square", rng.choice(list(COLORS)), None)]
     objs += [("triangle", rng.choice(list(COLORS)), None) for _ in range(max(0, n - 2))]
@@ -95,6 +104,8 @@ def _question(rng, kind, objs, placed):
             str(sum(s == shape for s, _, _ in objs)))
   if kind == "largest_color":
     return "What colour is the largest shape?", objs[int(np.argmax([z for *_, z in objs]))][1]
+  if kind == "color":
+    return "What colour is the shape?", objs[0][1]
   if kind == "shape_color":
     return f"What shape is the {objs[0][1]} object?", objs[0][0]
   xs = {s: x for (s, _, _), (x, _, _) in zip(objs, placed) if s in ("circle", "square")}
@@ -104,6 +115,9 @@ def _question(rng, kind, objs, placed):
 
 def make_example(index, seed=0, difficulty=1, image_size=56, kinds=KINDS):
   """Record `index` of the task: dict(problem, answer, images=[{bytes, path}], kind)."""
+  unknown = set(kinds) - set(ALL_KINDS)
+  if not kinds or unknown:
+    raise ValueError(f"synthetic kinds {tuple(kinds)!r}: unknown {sorted(unknown)} (known: {ALL_KINDS})")
   rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5E7, int(index)]))
   kind = str(kinds[int(rng.integers(len(kinds)))])
   for _ in range(50):
