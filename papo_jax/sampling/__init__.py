@@ -1,6 +1,7 @@
 """Rollout generation for the VLM: the static KV-cache sampler and the continuous-batching paged engine."""
 
 from papo_jax.sampling.engine import ContinuousEngine, EngineConfig, PageAllocator, paged_attention_xla
+from papo_jax.sampling.factory import make_sampler
 
 from papo_jax.sampling.sampler import (
     FINISH_EOS,
@@ -14,4 +15,4 @@ from papo_jax.sampling.sampler import (
 )
 
 __all__ = ["ContinuousEngine", "EngineConfig", "FINISH_EOS", "FINISH_LENGTH", "PageAllocator", "Rollout", "Sampler",
-           "SamplingConfig", "filter_logits", "generate", "paged_attention_xla", "sample_tokens"]
+           "SamplingConfig", "filter_logits", "generate", "make_sampler", "paged_attention_xla", "sample_tokens"]
