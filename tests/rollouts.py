@@ -1,5 +1,6 @@
 """Rollout batches for the train-step tests, built the trainer's way (rl/batching)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -11,6 +12,11 @@ T = 6  # response length
 
 ROWS = [[3, "img", 2], [4, "img", 1], [7], [2, "img", 3]]
 GRIDS = [(1, 6, 8), (1, 4, 4), (1, 8, 6)]
+
+
+def flat(tree) -> np.ndarray:
+  """All leaves of a parameter/gradient tree as one float vector."""
+  return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
 
 
 def make_groups(model, rows, grids, n: int = 1, seed: int = 0, nan_adv: bool = False) -> list[batching.Group]:

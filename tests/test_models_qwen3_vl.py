@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import hf_utils as H  # noqa: E402
-import test_rl_train_step as rl_tests  # noqa: E402
+from rollouts import GRIDS, ROWS, build_batch, flat  # noqa: E402
 from flax import nnx  # noqa: E402
 from papo_jax import models  # noqa: E402
 from papo_jax.rl.losses import LossConfig  # noqa: E402
@@ -208,14 +208,14 @@ def test_every_papo_term_reaches_the_qwen3_gradient(rl_setup):
   gradient is zero). The DeepStack mergers, the position table and qk-norm get gradients.
   """
   model, graphdef, params, ref_params = rl_setup
-  batch = rl_tests.build_batch(model, rl_tests.ROWS, rl_tests.GRIDS, micro=1, seed=3)
+  batch = build_batch(model, ROWS, GRIDS, micro=1, seed=3)
 
   def grad_fn(**loss):
     return jax.jit(make_grad_fn(graphdef, StepConfig(loss=LossConfig(**loss), mask_grad=loss.get("eta_mask", 0) > 0,
                                                      logprob_chunk=4)))
 
   def changed(g, g0):
-    return np.linalg.norm(rl_tests._flat(g) - rl_tests._flat(g0)) / np.linalg.norm(rl_tests._flat(g0))
+    return np.linalg.norm(flat(g) - flat(g0)) / np.linalg.norm(flat(g0))
 
   fn = grad_fn(beta=0.01, gamma=0.02, eta_ori=0.05)
   g0, _, metrics = fn(params, ref_params, batch, jnp.float32(0.02), jnp.float32(1.0))
