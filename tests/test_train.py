@@ -169,6 +169,13 @@ def test_rollout_keys_are_a_fold_in_chain():
   assert len({str(got(0, s, r, 0)) for s in range(3) for r in range(3)}) == 9
 
 
+def test_a_workdir_url_orbax_cannot_write_needs_a_checkpoint_dir(tmp_path):
+  """memory:// records are fine, but checkpoints there are not: the program says which field to set, at once."""
+  r = _run("memory://bucket/run", timeout=120)
+  assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+  assert "checkpoint.dir" in r.stderr and "gs://" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_rewards_graded_during_logprob_pass_give_the_same_run(tmp_path):
   """Grading in the background while the log-prob pass runs changes timing only, not results."""
