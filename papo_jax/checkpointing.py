@@ -6,6 +6,12 @@ Layout (orbax, one directory per step under ``checkpoint.dir`` or ``<workdir>/ch
 of process 0 and of every process, the step, whether ``ref`` is saved) and ``ref`` (the
 reference parameters, saved when a format warm-up made them differ from the checkpoint
 the run started from).
+
+Where: a local directory or ``gs://`` (orbax writes both natively). A workdir on another
+fsspec scheme (``memory://``, ``s3://``, ...) keeps its records there but needs
+``checkpoint.dir`` set to a local or ``gs://`` path: orbax cannot write those schemes, and a
+local staging copy mirrored to the URL would be lost with the VM between syncs, which is the
+failure the URL workdir exists to avoid.
 """
 
 from __future__ import annotations
@@ -13,8 +19,18 @@ from __future__ import annotations
 import jax
 from absl import logging
 
-from papo_jax.config_base import checkpoint_dir
+from papo_jax.config_base import ConfigError, checkpoint_dir
 from papo_jax.parallel import allgather_objects
+
+
+def checked_checkpoint_dir(c, workdir: str) -> str:
+  """The run's checkpoint directory; a clear error when orbax cannot write it."""
+  d = checkpoint_dir(c, workdir)
+  if "://" in d and not d.startswith(("gs://", "file://")):
+    where = "checkpoint.dir" if c.checkpoint.get("dir") else "checkpoint.dir (unset: <workdir>/checkpoints)"
+    raise ConfigError(f"{where}: {d!r} is neither a local path nor gs://, the only places orbax writes "
+                      f"checkpoints; set checkpoint.dir to a local directory or a gs:// URL")
+  return d[len("file://"):] if d.startswith("file://") else d
 
 
 class Checkpoints:
@@ -23,7 +39,7 @@ class Checkpoints:
   def __init__(self, c, workdir: str):
     import orbax.checkpoint as ocp
     self.ocp = ocp
-    self.dir = checkpoint_dir(c, workdir)
+    self.dir = checked_checkpoint_dir(c, workdir)
     self.mngr = ocp.CheckpointManager(self.dir, options=ocp.CheckpointManagerOptions(
         max_to_keep=c.checkpoint.keep, enable_async_checkpointing=True))
 
@@ -56,6 +72,10 @@ class Checkpoints:
     data_iterator.set_state(per_process[jax.process_index()] if per_process else meta["data"])
     logging.info("resumed from step %d in %s", step, self.dir)
     return restored.state, (restored.ref if "ref" in items else ref_params)
+
+  def wait(self) -> None:
+    """Returns once the last save is fully written."""
+    self.mngr.wait_until_finished()
 
   def close(self) -> None:
     self.mngr.wait_until_finished()

@@ -159,44 +159,58 @@ def truncate_jsonl(path: str, last_step: int) -> int:
 class MetricWriter:
   """JSONL in the workdir, TensorBoard (and W&B when configured); process 0 only.
 
-  ``start_step``: the step the run starts (or resumes) from; rows past it are removed.
+  ``workdir`` may be a local path, ``gs://`` or any fsspec URL (:mod:`papo_jax.workdir`):
+  on a URL the JSONL rows are rewritten at most every ``flush_every_s`` seconds and on
+  :meth:`close`, and TensorBoard writes a local directory that is copied to ``<workdir>/tb``
+  at most as often and on :meth:`close`. ``start_step``: the step the run starts (or
+  resumes) from; rows past it are removed.
   """
 
-  def __init__(self, workdir: str, c, start_step: int = 0):
+  def __init__(self, workdir: str, c, start_step: int = 0, *, flush_every_s: float = 30.0):
+    from papo_jax import workdir as workdir_lib
     self.active = jax.process_index() == 0
-    self.jsonl = self.samples = self.tb = self.wandb = None
-    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
-    self.samples_path = os.path.join(workdir, "samples.jsonl")
-    self.tb_dir = os.path.join(workdir, "tb") if c.log.tensorboard else None
+    self.jsonl = self.samples = self.tb = self.tb_mirror = self.wandb = None
+    self.flush_every_s = flush_every_s
+    self._last_tb_sync = 0.0
+    self.metrics_path = workdir_lib.join(workdir, "metrics.jsonl")
+    self.samples_path = workdir_lib.join(workdir, "samples.jsonl")
+    self.tb_dir = workdir_lib.join(workdir, "tb") if c.log.tensorboard else None
     if not self.active:
       return
-    for path in (self.metrics_path, self.samples_path):
-      if truncate_jsonl(path, start_step):
-        logging.info("%s: dropped the rows past step %d (logged before the restored checkpoint)", path, start_step)
-    self.jsonl = open(self.metrics_path, "a")
-    self.samples = open(self.samples_path, "a")
+    self.jsonl = workdir_lib.JsonlLog(self.metrics_path, resume_step=start_step, flush_every_s=flush_every_s)
+    self.samples = workdir_lib.JsonlLog(self.samples_path, resume_step=start_step, flush_every_s=flush_every_s)
     if c.log.tensorboard:
       try:
         from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(self.tb_dir)
+        # tensorboardX writes local files only (gs:// needs google-cloud-storage); a URL gets a mirror.
+        self.tb_mirror = workdir_lib.DirMirror(self.tb_dir)
+        self.tb = SummaryWriter(self.tb_mirror.local_dir)
       except ImportError:
         logging.warning("tensorboardX is not installed; TensorBoard logging is off")
         self.tb_dir = None
     if c.log.wandb_project:
+      import tempfile
       import wandb  # optional dependency
-      self.wandb = wandb.init(project=c.log.wandb_project, config=c.to_dict(), dir=workdir)
+      local = workdir if not workdir_lib.is_url(workdir) else tempfile.mkdtemp(prefix="papo_wandb_")
+      self.wandb = wandb.init(project=c.log.wandb_project, config=c.to_dict(), dir=local)
+
+  def _flush_tb(self, force: bool = False) -> None:
+    import time
+    self.tb.flush()
+    if force or time.monotonic() - self._last_tb_sync >= self.flush_every_s:
+      self.tb_mirror.sync()
+      self._last_tb_sync = time.monotonic()
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.active:
       return
     row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-    self.jsonl.write(json.dumps(row) + "\n")
-    self.jsonl.flush()
+    self.jsonl.write(row)
     if self.tb is not None:
       for k, v in row.items():
         if k != "step":
           self.tb.add_scalar(k, v, step)
-      self.tb.flush()
+      self._flush_tb()
     if self.wandb is not None:
       self.wandb.log(row, step=step)
 
@@ -205,16 +219,20 @@ class MetricWriter:
     if not self.active or not samples:
       return
     for s in samples:
-      self.samples.write(json.dumps({"step": step, **s}) + "\n")
-    self.samples.flush()
+      self.samples.write({"step": step, **s})
     if self.tb is not None:
       self.tb.add_text("samples", samples_markdown(samples), step)
-      self.tb.flush()
+      self._flush_tb()
 
   def close(self):
-    for f in (self.jsonl, self.samples, self.tb):
+    """Writes out everything buffered (JSONL rows, TensorBoard events) to the workdir."""
+    for f in (self.jsonl, self.samples):
       if f is not None:
         f.close()
+    if self.tb is not None:
+      self.tb.close()
+      self.tb_mirror.sync()
+    self.jsonl = self.samples = self.tb = None
 
 
 def pick_samples(rows: list[tuple[str, str, str]], rewards: dict[str, np.ndarray], count: int) -> list[dict]:

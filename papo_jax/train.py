@@ -11,6 +11,8 @@ One RL step (papo.md §1):
 
 Rerunning the same command resumes from the last checkpoint in --workdir with the data
 position, PRNG state and optimizer state intact; a finished run says so and stops.
+SIGTERM (a preempted spot VM) or Ctrl-C ends the run after the current step with a
+checkpoint and exit status 0. --workdir may be gs:// or any fsspec URL.
 """
 
 from __future__ import annotations
@@ -251,31 +253,46 @@ def setup(c, workdir: str, mesh):
 # ============================================================================================
 
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) the configured training; returns the last step's metrics."""
+  """Runs (or resumes) the configured training; returns the last step's metrics.
+
+  ``workdir``: a local path, ``gs://`` or any fsspec URL (see :mod:`papo_jax.workdir`;
+  checkpoints need a local or ``gs://`` ``checkpoint.dir``). SIGTERM/SIGINT end the run
+  after the current step with a checkpoint (:mod:`papo_jax.preemption`); a run that
+  completes all its steps leaves ``<workdir>/DONE``.
+  """
   from tqdm import tqdm
-  from papo_jax.checkpointing import Checkpoints
+  from papo_jax import workdir as workdir_lib
+  from papo_jax.checkpointing import Checkpoints, checked_checkpoint_dir
   from papo_jax.parallel import make_mesh
+  from papo_jax.preemption import PreemptionGuard
   from papo_jax.warmup import format_warmup
 
   validate_config(c)
+  checked_checkpoint_dir(c, workdir)   # before any work: a workdir URL orbax cannot write fails here
   metrics_lib.quiet_orbax()
   t_start = time.perf_counter()
   # ---------------------------------------------------------------- setup & mesh
   start_distributed()
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.makedirs(workdir)
   primary = jax.process_index() == 0
-  with open(os.path.join(workdir, "config.json" if primary else f"config.process{jax.process_index()}.json"), "w") as f:
-    f.write(c.to_json_best_effort(indent=2))
+  workdir_lib.write_text(workdir_lib.join(workdir, "config.json" if primary else
+                                          f"config.process{jax.process_index()}.json"),
+                         c.to_json_best_effort(indent=2))
   ckpts = Checkpoints(c, workdir)
   start = ckpts.latest_step()
   if start >= c.train.steps:
-    rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    rows = workdir_lib.read_jsonl(workdir_lib.join(workdir, "metrics.jsonl"))
+    if primary and not workdir_lib.is_done(workdir):
+      workdir_lib.mark_done(workdir, c.train.steps)
     logging.info("%s", metrics_lib.summary(workdir=workdir, ckpt_dir=ckpts.dir, steps_done=0,
                                            total_steps=c.train.steps, seconds=0.0, rows=rows))
     return rows[-1] if rows else {}
   mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
   logging.info("mesh %s over %d devices", dict(mesh.shape), jax.device_count())
-  run, state, state_sh, ref_params, data_cfg = setup(c, workdir, mesh)
+  # The tiny random model is built in a local directory: <workdir>/model, or a per-host cache for a URL workdir.
+  model_root = workdir if not workdir_lib.is_url(workdir) else workdir_lib.cache_dir(
+      workdir, c.model.tiny.to_dict(), c.data.min_pixels, c.data.max_pixels)
+  run, state, state_sh, ref_params, data_cfg = setup(c, model_root, mesh)
 
   # ---------------------------------------------------------------- restore, or format warm-up (tiny demo)
   # The reference policy is the one RL starts from: after the warm-up, so kl_ref starts at 0.
@@ -294,9 +311,10 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = metrics_lib.MetricWriter(workdir, c, start)
   monitor = metrics_lib.Monitor(c.monitor)
   metrics = {}
+  step, monitor_stop, stop_line = start - 1, False, None
   bar = tqdm(range(start, c.train.steps), initial=start, total=c.train.steps, desc="train",
              disable=not primary, dynamic_ncols=True)
-  with metrics_lib.logs_above_progress_bar():
+  with metrics_lib.logs_above_progress_bar(), PreemptionGuard() as guard:
     for step in bar:
       t0 = time.perf_counter()
       terms = perception_terms(c, step, monitor.gamma_halvings)
@@ -305,6 +323,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
       metrics = metrics_lib.step_row(step_metrics, rewards, col.groups, {**timing, "dapo/rounds": col.rounds},
                                      col.stats, c, terms.gamma, time.perf_counter() - t0)
       if monitor.should_stop(step + 1, metrics):
+        monitor_stop = True
         break
       if validate is not None and ((step + 1) % c.val.every == 0 or step + 1 == c.train.steps):
         tv = time.perf_counter()
@@ -319,30 +338,46 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
         bar.set_postfix(metrics_lib.bar_postfix(metrics))
         logging.info("%s", metrics_lib.console_line(step + 1, metrics))
       # -------------------------------------------------------------- checkpoint
-      if (step + 1) % c.checkpoint.every == 0 or step + 1 == c.train.steps:
+      saved = (step + 1) % c.checkpoint.every == 0 or step + 1 == c.train.steps
+      if saved:
         ckpts.save(step + 1, state, run.it, ref_params if save_ref else None)
+      # -------------------------------------------------------------- SIGTERM/SIGINT: every host stops here
+      if guard.should_stop(step):
+        if not saved:
+          ckpts.save(step + 1, state, run.it, ref_params if save_ref else None)
+        ckpts.wait()
+        stop_line = guard.stop_message(step)
+        logging.info("%s", stop_line)
+        break
   bar.close()
   for closable in (ckpts, writer, run.it, val_it, run.reward_fn):
     if hasattr(closable, "close"):
       closable.close()
   run.grader.shutdown()
+  completed = not monitor_stop and step + 1 == c.train.steps
+  if primary and completed:
+    workdir_lib.mark_done(workdir, c.train.steps)
   if primary:
     logging.info("%s", metrics_lib.summary(
         workdir=workdir, ckpt_dir=ckpts.dir, steps_done=step + 1 - start, total_steps=c.train.steps,
-        seconds=time.perf_counter() - t_start, rows=metrics_lib.read_jsonl(writer.metrics_path), writer=writer))
+        seconds=time.perf_counter() - t_start, rows=workdir_lib.read_jsonl(writer.metrics_path), writer=writer))
+    if stop_line is not None and not completed:
+      logging.info("%s", stop_line)   # last, so it is the line a log tail shows
   return metrics
 
 
 def main(argv):
   del argv
+  from papo_jax.checkpointing import checked_checkpoint_dir
   c = FLAGS.config
   try:
     validate_config(c)
+    checked_checkpoint_dir(c, FLAGS.workdir)
   except ConfigError as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  train(c, FLAGS.workdir)
+  train(c, FLAGS.workdir)   # returns after a SIGTERM/SIGINT stop too: exit 0, a rerun resumes
 
 
 if __name__ == "__main__":

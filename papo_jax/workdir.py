@@ -82,6 +82,27 @@ def write_text(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def read_jsonl(path: str) -> list[dict]:
+  """The rows of a JSON-lines file (none when it does not exist)."""
+  if not exists(path):
+    return []
+  return [json.loads(line) for line in read_text(path).splitlines() if line.strip()]
+
+
+def cache_dir(url: str, *key) -> str:
+  """A local directory for files that must be local (a tiny model's checkpoint) of a URL workdir.
+
+  ``$PAPO_JAX_CACHE`` (default ``~/.cache/papo_jax``) ``/workdirs/<hash of url and key>``:
+  the same URL and key find the same directory on a rerun or resume on this host.
+  """
+  import hashlib
+  root = os.environ.get("PAPO_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "papo_jax")
+  digest = hashlib.sha256(json.dumps([str(url), *key], sort_keys=True, default=str).encode()).hexdigest()[:16]
+  path = os.path.join(root, "workdirs", digest)
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
 def _step_of(line: str, path: str, lineno: int) -> int | None:
   try:
     return int(json.loads(line)["step"])

@@ -169,6 +169,13 @@ def test_rollout_keys_are_a_fold_in_chain():
   assert len({str(got(0, s, r, 0)) for s in range(3) for r in range(3)}) == 9
 
 
+def test_a_workdir_url_orbax_cannot_write_needs_a_checkpoint_dir(tmp_path):
+  """memory:// records are fine, but checkpoints there are not: the program says which field to set, at once."""
+  r = _run("memory://bucket/run", timeout=120)
+  assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+  assert "checkpoint.dir" in r.stderr and "gs://" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_rewards_graded_during_logprob_pass_give_the_same_run(tmp_path):
   """Grading in the background while the log-prob pass runs changes timing only, not results."""
@@ -222,6 +229,83 @@ def test_sigkill_mid_run_resumes_bit_exact(uninterrupted, tmp_path):
   again = _run(wd, *SMALL)
   assert again.returncode == 0 and "already finished" in again.stderr, again.stderr[-2000:]
   assert [m["step"] for m in _metrics(wd)] == list(range(1, 13))
+
+
+def _compared(row):
+  """A metrics row without its wall-clock keys (everything else is deterministic on CPU)."""
+  return {k: v for k, v in row.items() if not k.startswith(("timing/", "throughput/"))}
+
+
+@pytest.mark.slow
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_bit_exact(uninterrupted, tmp_path):
+  """A preempted VM's SIGTERM: exit 0 with a checkpoint of the finished step; the rerun computes each
+  remaining step once and ends where the uninterrupted run ends (metrics and parameters bit-exact)."""
+  from papo_jax import workdir as W
+  wd = str(tmp_path / "preempted")
+  # checkpoint.every beyond the run: the only mid-run checkpoint is the one the SIGTERM writes
+  args = (*SMALL, "--config.log.samples_every=4", "--config.checkpoint.every=100")
+  log = open(tmp_path / "first.log", "w")
+  p = subprocess.Popen([sys.executable, "-m", "papo_jax.train", f"--config={TINY}", f"--workdir={wd}", *args],
+                       cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+  metrics, deadline = os.path.join(wd, "metrics.jsonl"), time.time() + 400
+  while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
+    if p.poll() is not None or time.time() > deadline:
+      p.kill()
+      pytest.fail("run ended before SIGTERM:\n" + open(tmp_path / "first.log").read()[-3000:])
+    time.sleep(0.1)
+  p.send_signal(signal.SIGTERM)
+  assert p.wait(timeout=300) == 0, open(tmp_path / "first.log").read()[-3000:]
+  log.close()
+  first = open(tmp_path / "first.log").read()
+  saved = [m["step"] for m in _metrics(wd)]
+  k = saved[-1]
+  assert saved == list(range(1, k + 1)) and 2 <= k < 12, saved
+  assert f"stopping after step {k - 1} on SIGTERM: checkpoint at step {k} written" in first, first[-3000:]
+  assert sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()) == [k]
+  assert not W.is_done(wd)                          # supervise must restart a preempted run
+  r = _run(wd, *args)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  assert f"resumed from step {k} " in r.stderr and f"finished {12 - k}/12 steps" in r.stderr, r.stderr[-3000:]
+  assert W.is_done(wd) and json.loads(W.read_text(os.path.join(wd, "DONE")))["step"] == 12
+  rows = _metrics(wd)
+  assert [m["step"] for m in rows] == list(range(1, 13))    # no step logged twice, none missing
+  assert [_compared(m) for m in rows] == [_compared(m) for m in _metrics(uninterrupted)]
+  step_a, a = _final_params(uninterrupted)
+  step_b, b = _final_params(wd)
+  assert step_a == step_b == 12 and len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_workdir_on_a_url(tmp_path, monkeypatch):
+  """A memory:// workdir (standing in for gs://): metrics, samples, config, TensorBoard and DONE land there;
+  the tiny model is built in the local cache and checkpoints go to a local checkpoint.dir."""
+  import uuid
+  import fsspec
+  from papo_jax import workdir as W
+  monkeypatch.setenv("PAPO_JAX_CACHE", str(tmp_path / "cache"))
+  url = f"memory://bucket-{uuid.uuid4().hex[:8]}/run"
+  c = tiny_config("papo_g")
+  c.train.steps, c.train.warmup_sft_steps, c.val.every = 2, 1, 0
+  c.data.batch_size, c.rollout.n, c.log.samples_every, c.log.tensorboard = 4, 2, 1, True
+  c.checkpoint.dir = str(tmp_path / "ckpt")
+  try:
+    metrics = T.train(c, url)
+    fs, root = W.filesystem(url)
+    rows = W.read_jsonl(W.join(url, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["reward/overall"] == metrics["reward/overall"]
+    assert sorted({r["step"] for r in W.read_jsonl(W.join(url, "samples.jsonl"))}) == [1, 2]
+    assert json.loads(W.read_text(W.join(url, "config.json")))["train"]["steps"] == 2
+    assert any("events" in f for f in fs.ls(root + "/tb", detail=False))
+    assert W.is_done(url)
+    assert os.path.isdir(tmp_path / "ckpt" / "2")
+    [model_dir] = os.listdir(tmp_path / "cache" / "workdirs")
+    assert os.path.exists(tmp_path / "cache" / "workdirs" / model_dir / "model" / "model.safetensors")
+    assert not os.path.exists("memory:")                  # nothing written to a local path named after the URL
+    assert T.train(c, url) == rows[-1]                      # a rerun of the finished run reads the rows back
+  finally:
+    fsspec.filesystem("memory").rm(url.split("://")[1], recursive=True)
 
 
 @pytest.mark.slow

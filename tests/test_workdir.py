@@ -125,3 +125,74 @@ def test_done_marker(root):
   path = W.mark_done(root, 202)
   assert W.is_done(root) and path == W.join(root, "DONE")
   assert json.loads(W.read_text(path))["step"] == 202
+
+
+def _tb_scalars(fs, directory, tag):
+  """(step, value) of ``tag`` in the TensorBoard event files under ``directory`` of ``fs``."""
+  from tensorboardX.proto import event_pb2
+  vals = []
+  for name in sorted(f for f in fs.ls(directory, detail=False) if "events" in f):
+    data = fs.cat_file(name)
+    while data:
+      n = struct.unpack("<Q", data[:8])[0]
+      ev = event_pb2.Event.FromString(data[12:12 + n])
+      vals += [(ev.step, v.simple_value) for v in ev.summary.value if v.tag == tag]
+      data = data[12 + n + 4:]
+  return vals
+
+
+def test_read_jsonl(root):
+  assert W.read_jsonl(W.join(root, "none.jsonl")) == []
+  W.write_text(W.join(root, "m.jsonl"), '{"step": 1}\n\n{"step": 2, "x": 0.5}\n')
+  assert W.read_jsonl(W.join(root, "m.jsonl")) == [{"step": 1}, {"step": 2, "x": 0.5}]
+
+
+def test_metric_writer_on_a_url_writes_jsonl_and_tensorboard_and_drops_rows_after_a_resume(url, tmp_path):
+  """The trainer's MetricWriter with a memory:// workdir (standing in for gs://)."""
+  pytest.importorskip("tensorboardX")
+  from papo_jax import metrics as M
+  from papo_jax.config_base import base_config
+  c = base_config()
+  c.log.tensorboard = True
+  w = M.MetricWriter(url, c, 0)
+  for s in range(1, 6):
+    w.write(s, {"reward/overall": s / 10})
+    w.write_samples(s, [{"prompt": "p", "response": f"r{s}", "answer": "1", "reward/overall": 0.0}])
+  w.close()
+  assert _steps(W.join(url, "metrics.jsonl")) == [1, 2, 3, 4, 5]
+  assert _steps(W.join(url, "samples.jsonl")) == [1, 2, 3, 4, 5]
+  fs, tb = W.filesystem(W.join(url, "tb"))
+  assert _tb_scalars(fs, tb, "reward/overall") == [(s, pytest.approx(s / 10)) for s in range(1, 6)]
+  w = M.MetricWriter(url, c, 3)             # resumed from the step-3 checkpoint: steps 4, 5 are recomputed
+  for s in range(4, 7):
+    w.write(s, {"reward/overall": s})
+  w.close()
+  assert [r["step"] for r in W.read_jsonl(W.join(url, "metrics.jsonl"))] == [1, 2, 3, 4, 5, 6]
+  assert [r["reward/overall"] for r in W.read_jsonl(W.join(url, "metrics.jsonl"))][3:] == [4.0, 5.0, 6.0]
+  assert _steps(W.join(url, "samples.jsonl")) == [1, 2, 3]
+
+
+def test_checkpoint_dir_must_be_local_or_gcs(tmp_path):
+  """orbax writes local paths and gs:// only; another scheme fails at once, naming checkpoint.dir."""
+  from papo_jax.checkpointing import checked_checkpoint_dir
+  from papo_jax.config_base import ConfigError, base_config
+  c = base_config()
+  with pytest.raises(ConfigError, match=r"checkpoint\.dir.*memory://b/run/checkpoints.*local directory or a gs://"):
+    checked_checkpoint_dir(c, "memory://b/run")
+  c.checkpoint.dir = "s3://b/ckpt"
+  with pytest.raises(ConfigError, match=r"checkpoint\.dir: 's3://b/ckpt'"):
+    checked_checkpoint_dir(c, "memory://b/run")
+  c.checkpoint.dir = str(tmp_path / "ckpt")
+  assert checked_checkpoint_dir(c, "memory://b/run") == str(tmp_path / "ckpt")
+  c.checkpoint.dir = ""
+  assert checked_checkpoint_dir(c, "gs://b/run") == "gs://b/run/checkpoints"
+  assert checked_checkpoint_dir(c, str(tmp_path)) == os.path.join(str(tmp_path), "checkpoints")
+  assert checked_checkpoint_dir(c, f"file://{tmp_path}") == f"{tmp_path}/checkpoints"
+
+
+def test_cache_dir_is_stable_per_url_and_key(tmp_path, monkeypatch):
+  monkeypatch.setenv("PAPO_JAX_CACHE", str(tmp_path / "cache"))
+  a = W.cache_dir("gs://b/run", {"seed": 0})
+  assert a == W.cache_dir("gs://b/run", {"seed": 0}) and os.path.isdir(a)
+  assert a.startswith(str(tmp_path / "cache"))
+  assert len({a, W.cache_dir("gs://b/run", {"seed": 1}), W.cache_dir("gs://b/other", {"seed": 0})}) == 3
