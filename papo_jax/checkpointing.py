@@ -79,3 +79,28 @@ class Checkpoints:
 
   def close(self) -> None:
     self.mngr.wait_until_finished()
+
+
+def open_run(c, workdir: str) -> tuple[Checkpoints, int]:
+  """Creates the workdir (local or URL), writes the run's config there and returns its
+  checkpoints and the step to start from (the last saved one, 0 for a new run)."""
+  import jax
+  from papo_jax import workdir as workdir_lib
+  workdir_lib.makedirs(workdir)
+  name = "config.json" if jax.process_index() == 0 else f"config.process{jax.process_index()}.json"
+  workdir_lib.write_text(workdir_lib.join(workdir, name), c.to_json_best_effort(indent=2))
+  ckpts = Checkpoints(c, workdir)
+  return ckpts, ckpts.latest_step()
+
+
+def finished_run(c, workdir: str, ckpts: Checkpoints) -> dict:
+  """A rerun of a run that already did all its steps: says so (and marks it done); its last metrics row."""
+  import jax
+  from papo_jax import metrics as metrics_lib
+  from papo_jax import workdir as workdir_lib
+  rows = workdir_lib.read_jsonl(workdir_lib.join(workdir, "metrics.jsonl"))
+  if jax.process_index() == 0 and not workdir_lib.is_done(workdir):
+    workdir_lib.mark_done(workdir, c.train.steps)
+  logging.info("%s", metrics_lib.summary(workdir=workdir, ckpt_dir=ckpts.dir, steps_done=0,
+                                         total_steps=c.train.steps, seconds=0.0, rows=rows))
+  return rows[-1] if rows else {}

@@ -53,6 +53,15 @@ def base_config() -> ml_collections.ConfigDict:
   # for the synthetic task a different seed gives held-out records.
   c.val = dict(source="", path="", every=0, batches=2, batch_size=0, synthetic_seed=12345)
   c.rollout = dict(n=5, temperature=1.0, top_p=0.99, top_k=0, max_new_tokens=2048, cache_dtype="bfloat16")
+  # engine: static (one batch, every row sized prompt + max_new_tokens; the reference path) |
+  # continuous (num_slots decode lanes kept busy over a paged KV cache of kv_pages pages of
+  # page_size tokens; prompts prefilled prefill_chunk tokens at a time; one device).
+  c.rollout.engine = "static"
+  c.rollout.num_slots = 64
+  c.rollout.page_size = 16
+  c.rollout.kv_pages = 4096
+  c.rollout.prefill_chunk = 512
+  c.rollout.prefill_lanes = 1
   c.algo = dict(name="grpo", eps_low=0.2, eps_high=0.3, dual_clip=3.0, beta=0.01, agg="token",
                 dynamic_sampling=False, dapo_acc_low=0.01, dapo_acc_high=0.99, dapo_chunk=128,
                 dapo_max_rounds=20)
@@ -225,6 +234,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     if c.val.path or val_source != c.data.source:
       _check_data_path(need, "val.path", val_source, c.val.path)
   need(c.rollout.n >= 1, "rollout.n", f"{c.rollout.n} < 1")
+  need(c.rollout.engine in ("static", "continuous"), "rollout.engine",
+       f"{c.rollout.engine!r} is not static|continuous")
+  for f in ("num_slots", "page_size", "kv_pages", "prefill_chunk", "prefill_lanes"):
+    need(c.rollout[f] >= 1, f"rollout.{f}", f"{c.rollout[f]} < 1")
   need(c.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", f"{c.rollout.max_new_tokens} < 1")
   need(c.algo.name in ("grpo", "dapo"), "algo.name", f"{c.algo.name!r} is not grpo|dapo")
   need(c.algo.dapo_chunk >= 1, "algo.dapo_chunk", f"{c.algo.dapo_chunk} < 1")

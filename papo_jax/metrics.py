@@ -124,38 +124,6 @@ class Monitor:
 # ============================================================================================
 
 
-def read_jsonl(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def truncate_jsonl(path: str, last_step: int) -> int:
-  """Drops the rows of ``path`` past ``last_step`` (steps logged after the checkpoint a run resumes from).
-
-  Returns the number of rows dropped. A torn last line (a kill mid-write) is dropped too.
-  """
-  if not os.path.exists(path):
-    return 0
-  kept, dropped = [], 0
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        dropped += 1
-        continue
-      if row.get("step", 0) <= last_step:
-        kept.append(line if line.endswith("\n") else line + "\n")
-      else:
-        dropped += 1
-  if dropped:
-    with open(path, "w") as f:
-      f.writelines(kept)
-  return dropped
-
-
 class MetricWriter:
   """JSONL in the workdir, TensorBoard (and W&B when configured); process 0 only.
 
@@ -339,3 +307,31 @@ def summary(*, workdir: str, ckpt_dir: str, steps_done: int, total_steps: int, s
     lines.append(f"TensorBoard: tensorboard --logdir {writer.tb_dir}")
   lines.append(f"checkpoints: {ckpt_dir}")
   return "\n".join(lines)
+
+
+def log_step(writer: MetricWriter, c, step: int, metrics: dict, samples: list, rewards: dict, bar=None) -> None:
+  """One finished step's records: metrics.jsonl/TensorBoard, a few samples every
+  ``log.samples_every`` steps, and the console line above the progress bar (process 0)."""
+  writer.write(step, metrics)
+  if c.log.samples_every and step % c.log.samples_every == 0:
+    writer.write_samples(step, pick_samples(samples, rewards, c.log.samples_per_step))
+  if writer.active and step % c.log.every == 0:
+    if bar is not None:
+      bar.set_postfix(bar_postfix(metrics))
+    logging.info("%s", console_line(step, metrics))
+
+
+def end_of_run(c, workdir: str, ckpt_dir: str, writer: MetricWriter, *, start: int, step: int, seconds: float,
+               completed: bool, stop_line: str | None) -> None:
+  """Process 0: marks a completed run DONE and logs the closing summary (a stop's reason last,
+  so it is the line a log tail shows)."""
+  from papo_jax import workdir as workdir_lib
+  if not writer.active:
+    return
+  if completed:
+    workdir_lib.mark_done(workdir, c.train.steps)
+  logging.info("%s", summary(workdir=workdir, ckpt_dir=ckpt_dir, steps_done=step + 1 - start,
+                             total_steps=c.train.steps, seconds=seconds,
+                             rows=workdir_lib.read_jsonl(writer.metrics_path), writer=writer))
+  if stop_line is not None and not completed:
+    logging.info("%s", stop_line)

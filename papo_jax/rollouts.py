@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
+from absl import logging
 
 from papo_jax.data.decode import decode_responses
 
@@ -52,32 +55,39 @@ def groups_from_batch(batch, tokens_RxT: np.ndarray, mask_RxT: np.ndarray, n: in
 
 
 def make_validator(c, *, graphdef, sampling_cfg, mesh, processor, train_data_path: str, reward_fn, stop_ids):
-  """(``validate(params) -> {val/overall, val/format, val/accuracy}``, its iterator).
+  """(``validate(params, step) -> {val/overall, val/format, val/accuracy, timing/validate}``, its iterator).
 
   The mean reward of one greedy response per prompt over ``val.batches`` held-out
   batches, always the same ones (``val.source``/``val.path``; the synthetic task's
-  held-out records come from ``val.synthetic_seed``).
+  held-out records come from ``val.synthetic_seed``). ``step`` is the number of finished
+  steps: it runs before the first step (0), every ``val.every`` steps and after the last,
+  and returns {} otherwise.
   """
   import dataclasses
 
   from papo_jax.data import pipeline, remote
   from papo_jax.parallel import GlobalBatches, use_mesh_rules
-  from papo_jax.sampling import Sampler
+  from papo_jax.sampling import make_sampler
   val_cfg = pipeline.DataConfig(**{**c.data.to_dict(), "source": c.val.source or c.data.source,
                                    "path": remote.localize(c.val.path) if c.val.path else train_data_path,
                                    "shuffle": False, "batch_size": c.val.batch_size or c.data.batch_size,
                                    "synthetic_seed": c.val.synthetic_seed})
   val_cfg.mask = dataclasses.replace(val_cfg.mask, enabled=False)
   val_it = GlobalBatches(pipeline.make_iterator(val_cfg, processor=processor), processor.pad_token_id)
-  sampler = Sampler(graphdef, dataclasses.replace(sampling_cfg, greedy=True), mesh=mesh)
+  sampler = make_sampler(graphdef, dataclasses.replace(sampling_cfg, greedy=True), c.rollout, mesh)
   start = val_it.get_state()
 
-  def validate(params):
+  def validate(params, step: int) -> dict:
+    if step % c.val.every and step != c.train.steps:
+      return {}
+    t = time.perf_counter()
     val_it.set_state(start)
     scores = []
     for _ in range(c.val.batches):
       with use_mesh_rules(mesh):
         scores.append(score_prompt_batch(sampler, params, next(val_it), k=1, key=0, reward_fn=reward_fn,
                                          tokenizer=processor.tokenizer, stop_ids=stop_ids)[1])
-    return {f"val/{k}": float(np.concatenate([s[k] for s in scores]).mean()) for k in scores[0]}
+    out = {f"val/{k}": float(np.concatenate([s[k] for s in scores]).mean()) for k in scores[0]}
+    logging.info("step %d | val/overall %.3f | val/accuracy %.3f", step, out["val/overall"], out["val/accuracy"])
+    return {**out, "timing/validate": time.perf_counter() - t}
   return validate, val_it

@@ -66,6 +66,12 @@ class Run:
   stop_ids: tuple
   pad_id: int
 
+  def close(self):
+    for closable in (self.it, self.reward_fn):
+      if hasattr(closable, "close"):
+        closable.close()
+    self.grader.shutdown()
+
 
 # ============================================================================================
 # Collect: prompts -> rollouts -> rewards
@@ -262,10 +268,10 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   from tqdm import tqdm
   from papo_jax import workdir as workdir_lib
-  from papo_jax.checkpointing import Checkpoints, checked_checkpoint_dir
+  from papo_jax.checkpointing import checked_checkpoint_dir, finished_run, open_run
   from papo_jax.parallel import make_mesh
   from papo_jax.preemption import PreemptionGuard
-  from papo_jax.warmup import format_warmup
+  from papo_jax.warmup import starting_policy
 
   validate_config(c)
   checked_checkpoint_dir(c, workdir)   # before any work: a workdir URL orbax cannot write fails here
@@ -273,36 +279,16 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   t_start = time.perf_counter()
   # ---------------------------------------------------------------- setup & mesh
   start_distributed()
-  workdir_lib.makedirs(workdir)
-  primary = jax.process_index() == 0
-  workdir_lib.write_text(workdir_lib.join(workdir, "config.json" if primary else
-                                          f"config.process{jax.process_index()}.json"),
-                         c.to_json_best_effort(indent=2))
-  ckpts = Checkpoints(c, workdir)
-  start = ckpts.latest_step()
+  ckpts, start = open_run(c, workdir)
   if start >= c.train.steps:
-    rows = workdir_lib.read_jsonl(workdir_lib.join(workdir, "metrics.jsonl"))
-    if primary and not workdir_lib.is_done(workdir):
-      workdir_lib.mark_done(workdir, c.train.steps)
-    logging.info("%s", metrics_lib.summary(workdir=workdir, ckpt_dir=ckpts.dir, steps_done=0,
-                                           total_steps=c.train.steps, seconds=0.0, rows=rows))
-    return rows[-1] if rows else {}
+    return finished_run(c, workdir, ckpts)
   mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
   logging.info("mesh %s over %d devices", dict(mesh.shape), jax.device_count())
-  # The tiny random model is built in a local directory: <workdir>/model, or a per-host cache for a URL workdir.
-  model_root = workdir if not workdir_lib.is_url(workdir) else workdir_lib.cache_dir(
-      workdir, c.model.tiny.to_dict(), c.data.min_pixels, c.data.max_pixels)
-  run, state, state_sh, ref_params, data_cfg = setup(c, model_root, mesh)
+  # The tiny random model is built locally: <workdir>/model, or a per-host cache for a URL workdir.
+  run, state, state_sh, ref_params, data_cfg = setup(c, workdir_lib.local_root(workdir, c), mesh)
 
   # ---------------------------------------------------------------- restore, or format warm-up (tiny demo)
-  # The reference policy is the one RL starts from: after the warm-up, so kl_ref starts at 0.
-  save_ref = ref_params is not None and c.train.warmup_sft_steps > 0
-  if start:
-    state, ref_params = ckpts.restore(start, state, run.it, ref_params)
-  elif c.train.warmup_sft_steps > 0:
-    state = jax.device_put(format_warmup(c, run, state, mesh), state_sh)
-    if save_ref:
-      ref_params = jax.tree.map(lambda p, r: jnp.array(p, dtype=r.dtype, copy=True), state.params, ref_params)
+  state, ref_params, save_ref = starting_policy(c, run, state, state_sh, ref_params, ckpts, start, mesh)
   validate, val_it = make_validator(c, graphdef=run.graphdef, sampling_cfg=run.sampler.cfg, mesh=mesh,
                                     processor=run.it.processor, train_data_path=data_cfg.path,
                                     reward_fn=run.reward_fn, stop_ids=run.stop_ids) if c.val.every > 0 else (None, None)
@@ -313,8 +299,10 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   metrics = {}
   step, monitor_stop, stop_line = start - 1, False, None
   bar = tqdm(range(start, c.train.steps), initial=start, total=c.train.steps, desc="train",
-             disable=not primary, dynamic_ncols=True)
+             disable=jax.process_index() != 0, dynamic_ncols=True)
   with metrics_lib.logs_above_progress_bar(), PreemptionGuard() as guard:
+    if validate is not None and start == 0:   # held-out scores of the policy RL starts from
+      writer.write(0, validate(state.params, 0))
     for step in bar:
       t0 = time.perf_counter()
       terms = perception_terms(c, step, monitor.gamma_halvings)
@@ -325,18 +313,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
       if monitor.should_stop(step + 1, metrics):
         monitor_stop = True
         break
-      if validate is not None and ((step + 1) % c.val.every == 0 or step + 1 == c.train.steps):
-        tv = time.perf_counter()
-        metrics.update(validate(state.params))
-        metrics["timing/validate"] = time.perf_counter() - tv
-        logging.info("step %d | val/overall %.3f | val/accuracy %.3f", step + 1, metrics["val/overall"],
-                     metrics["val/accuracy"])
-      writer.write(step + 1, metrics)
-      if c.log.samples_every and (step + 1) % c.log.samples_every == 0:
-        writer.write_samples(step + 1, metrics_lib.pick_samples(col.samples, rewards, c.log.samples_per_step))
-      if primary and (step + 1) % c.log.every == 0:
-        bar.set_postfix(metrics_lib.bar_postfix(metrics))
-        logging.info("%s", metrics_lib.console_line(step + 1, metrics))
+      metrics.update(validate(state.params, step + 1) if validate else {})
+      metrics_lib.log_step(writer, c, step + 1, metrics, col.samples, rewards, bar)
       # -------------------------------------------------------------- checkpoint
       saved = (step + 1) % c.checkpoint.every == 0 or step + 1 == c.train.steps
       if saved:
@@ -350,19 +328,11 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("%s", stop_line)
         break
   bar.close()
-  for closable in (ckpts, writer, run.it, val_it, run.reward_fn):
-    if hasattr(closable, "close"):
+  for closable in (ckpts, writer, run, val_it):
+    if closable is not None:
       closable.close()
-  run.grader.shutdown()
-  completed = not monitor_stop and step + 1 == c.train.steps
-  if primary and completed:
-    workdir_lib.mark_done(workdir, c.train.steps)
-  if primary:
-    logging.info("%s", metrics_lib.summary(
-        workdir=workdir, ckpt_dir=ckpts.dir, steps_done=step + 1 - start, total_steps=c.train.steps,
-        seconds=time.perf_counter() - t_start, rows=workdir_lib.read_jsonl(writer.metrics_path), writer=writer))
-    if stop_line is not None and not completed:
-      logging.info("%s", stop_line)   # last, so it is the line a log tail shows
+  metrics_lib.end_of_run(c, workdir, ckpts.dir, writer, start=start, step=step, seconds=time.perf_counter() - t_start,
+                         completed=not monitor_stop and step + 1 == c.train.steps, stop_line=stop_line)
   return metrics
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -57,3 +58,20 @@ def format_warmup(c, run, state, mesh):
     if (i + 1) % 10 == 0 or i == 0:
       logging.info("format warm-up %d/%d: nll %.3f", i + 1, c.train.warmup_sft_steps, float(m["actor/entropy_ori"]))
   return state.replace(params=sft_state.params)
+
+
+def starting_policy(c, run, state, state_sh, ref_params, ckpts, start: int, mesh):
+  """(state, reference params, whether checkpoints carry the reference) for the first RL step.
+
+  A resumed run restores both from its checkpoint. A new run with a format warm-up starts
+  RL from the warmed-up policy, and that policy is also the reference (so kl_ref starts at
+  0); it then differs from the checkpoint the run was built from and is saved with the state.
+  """
+  save_ref = ref_params is not None and c.train.warmup_sft_steps > 0
+  if start:
+    state, ref_params = ckpts.restore(start, state, run.it, ref_params)
+  elif c.train.warmup_sft_steps > 0:
+    state = jax.device_put(format_warmup(c, run, state, mesh), state_sh)
+    if save_ref:
+      ref_params = jax.tree.map(lambda p, r: jnp.array(p, dtype=r.dtype, copy=True), state.params, ref_params)
+  return state, ref_params, save_ref

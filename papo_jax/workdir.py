@@ -89,6 +89,14 @@ def read_jsonl(path: str) -> list[dict]:
   return [json.loads(line) for line in read_text(path).splitlines() if line.strip()]
 
 
+def local_root(workdir: str, c) -> str:
+  """Where a run keeps files that must be local (the tiny model): the workdir itself, or for
+  a URL workdir a per-host cache keyed by the URL and everything the tiny model depends on."""
+  if not is_url(workdir):
+    return workdir
+  return cache_dir(workdir, c.model.tiny.to_dict(), c.data.min_pixels, c.data.max_pixels)
+
+
 def cache_dir(url: str, *key) -> str:
   """A local directory for files that must be local (a tiny model's checkpoint) of a URL workdir.
 

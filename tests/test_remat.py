@@ -49,8 +49,12 @@ def test_remat_train_step_and_logprob_pass_equal_no_remat(family, remat):
   grads_on, loss_on, _ = jax.jit(make_grad_fn(g_on, cfg))(p_on, p_on, batch)
   grads_off, loss_off, _ = jax.jit(make_grad_fn(g_off, cfg))(p_off, p_off, batch)
   np.testing.assert_allclose(float(loss_on), float(loss_off), rtol=1e-6, atol=1e-8)
-  np.testing.assert_allclose(_flat(grads_on), _flat(grads_off), rtol=1e-5, atol=1e-7)
-  assert np.abs(_flat(grads_off)).max() > 0
+  a, b = _flat(grads_on), _flat(grads_off)
+  assert np.abs(b).max() > 0
+  # Recomputation may fuse and round differently (f32): every entry agrees to 1e-5 of the
+  # largest gradient entry and the whole vector to 1e-6 relative; a remat bug is O(1).
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+  assert np.linalg.norm(a - b) <= 1e-6 * np.linalg.norm(b)
   lp_on = jax.jit(make_logprob_pass(g_on, cfg))(p_on, p_on, batch)
   lp_off = jax.jit(make_logprob_pass(g_off, cfg))(p_off, p_off, batch)
   for a, b in zip(lp_on, lp_off):
