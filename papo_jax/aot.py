@@ -26,9 +26,9 @@ and attention included), a roofline time and the implied MFU bound, then a markd
 per program for docs/tpu.md. It exits with status 1 when a program does not fit, naming
 the setting to change.
 
-The project's Pallas attention picks interpret mode when ``jax.default_backend()`` is not
-``tpu``; on this host it is ``cpu``, so while tracing, :func:`tpu_attention_target` makes
-the attention module see ``tpu`` (the kernels then lower through Mosaic for the TPU).
+Attention picks its paths for the platform it is traced for; the host here is ``cpu``, so
+tracing runs under :func:`papo_jax.models.attention.target_platform` set to ``tpu`` (the
+splash kernels then lower through Mosaic for the TPU instead of interpret mode).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ import os
 import re
 import sys
 import time
-import types
 from typing import Any, Callable
 
 if __name__ == "__main__":
@@ -520,39 +519,13 @@ def peak_table() -> str:
 # ============================================================================================
 
 
-class _TpuJax(types.ModuleType):
-  """``jax`` as seen by papo_jax.models.attention while tracing for a TPU target."""
-
-  def __init__(self):
-    super().__init__("jax")
-
-  def __getattr__(self, name):
-    return getattr(jax, name)
-
-  @staticmethod
-  def default_backend():
-    return "tpu"
-
-
 @contextlib.contextmanager
 def tpu_attention_target():
-  """Makes the attention module take its TPU paths (splash kernels lowered by Mosaic, not interpreted).
-
-  ``attention.py`` decides interpret mode from ``jax.default_backend()``; here its module-level
-  ``jax`` is swapped for a view that answers ``tpu``, for the duration of tracing only. When the
-  module offers ``target_platform`` (a context for exactly this), that is used instead.
-  """
+  """Makes attention take its TPU paths while tracing (splash kernels lowered by Mosaic, not
+  interpreted): :func:`papo_jax.models.attention.target_platform` set to ``tpu``."""
   from papo_jax.models import attention
-  if hasattr(attention, "target_platform"):
-    with attention.target_platform("tpu"):
-      yield
-    return
-  saved = attention.jax
-  attention.jax = _TpuJax()
-  try:
+  with attention.target_platform("tpu"):
     yield
-  finally:
-    attention.jax = saved
 
 
 def _with_sharding(tree, shardings):
@@ -599,6 +572,7 @@ class Shapes:
   mini_batches: int
   images_per_row: int
   patches_per_image: int
+  n_samples: int = 1        # rollout.n: a shard encodes a prompt's image once for its n rows
 
   @property
   def length(self) -> int:
@@ -613,26 +587,46 @@ def shapes_for(c, mc, *, prompt_len: int = 0, images_per_row: int = 1) -> Shapes
                      f"mini x {c.optim.micro_batches} micro batches")
   lp = prompt_len or max(tuple(c.data.prompt_length_buckets) or (c.data.max_prompt_length,))
   return Shapes(lp, c.rollout.max_new_tokens, rows // per_update, c.optim.micro_batches, c.optim.mini_batches,
-                images_per_row, c.data.max_pixels // mc.vision.patch_size ** 2)
+                images_per_row, c.data.max_pixels // mc.vision.patch_size ** 2, c.rollout.n)
 
 
-def train_batch_specs(mc, mesh, s: Shapes, *, micro_batches: int, with_mask: bool, logps: tuple[str, ...] = ()):
-  """Abstract TrainBatch as ``train.py``'s ``device_batch`` feeds it: rows [M, b, ...] over the batch
-  axes, each micro-batch's images (every row's own copy, f32) replicated. Keep in step with device_batch."""
+def train_batch_specs(mc, mesh, s: Shapes, *, micro_batches: int, with_mask: bool, logps: tuple[str, ...] = (),
+                      dtype=None):
+  """Abstract TrainBatch exactly as the trainer feeds it (``rl/batching.assemble_train_batch`` with
+  ``shards=batch_shards(mesh)``, ``pixel_dtype=model.dtype``, then ``global_train_arrays``).
+
+  Rows [M, b, ...] and the per-shard images are split over the batch axes on axis 1:
+  pixel_values / masked_pixel_values [M, S, N, P] in the compute dtype, image_grid_thw
+  [M, S, I, 3], row_image_start [M, b]. A shard holds each distinct prompt's images once,
+  so N and I are sized for the most prompts any shard of the update's group-major rows
+  (r = g * n + k) touches, each with ``images_per_row`` images of the largest patch count.
+  Returns (batch, patches encoded per micro-batch over all shards).
+  """
+  from papo_jax.parallel import batch_shards
   from papo_jax.rl.train_step import TrainBatch
   m, b, t, l = micro_batches, s.rows_per_micro, s.response_len, s.length
-  row = (None, "batch")
-  n_patch = _round_up(b * s.images_per_row * s.patches_per_image, 64)
-  n_img = _round_up(b * s.images_per_row, 4)
-  pix = (m, n_patch, mc.vision.patch_dim)
+  shards = batch_shards(mesh)
+  if b % shards:
+    raise ValueError(f"config field optim.micro_batches: micro-batches of {b} rows do not split into "
+                     f"{shards} batch shards (mesh data x fsdp)")
+  per_shard, n = b // shards, max(1, s.n_samples)
+  # Distinct prompts per shard, as batching.shard_images counts them (the worst shard).
+  prompts = max(len({r // n for r in range(r0, r0 + per_shard)}) for r0 in range(0, m * b, per_shard))
+  n_patch = _round_up(prompts * s.images_per_row * s.patches_per_image, 64)
+  n_img = _round_up(prompts * s.images_per_row, 4)
+  row, shard = (None, "batch"), (None, "batch")
+  pix_dtype = dtype or mc.dtype
+  pix = (m, shards, n_patch, mc.vision.patch_dim)
   fields = dict(
       input_ids=_sds(mesh, (m, b, l), jnp.int32, row), attention_mask=_sds(mesh, (m, b, l), jnp.int32, row),
       response_mask=_sds(mesh, (m, b, t), jnp.int32, row), advantages=_sds(mesh, (m, b), jnp.float32, row),
-      pixel_values=_sds(mesh, pix, jnp.float32), image_grid_thw=_sds(mesh, (m, n_img, 3), jnp.int32),
-      masked_pixel_values=_sds(mesh, pix, jnp.float32) if with_mask else None)
+      pixel_values=_sds(mesh, pix, pix_dtype, shard),
+      image_grid_thw=_sds(mesh, (m, shards, n_img, 3), jnp.int32, shard),
+      row_image_start=_sds(mesh, (m, b), jnp.int32, row),
+      masked_pixel_values=_sds(mesh, pix, pix_dtype, shard) if with_mask else None)
   for k in logps:
     fields[k] = _sds(mesh, (m, b, t), jnp.float32, row)
-  return TrainBatch(**fields), n_patch
+  return TrainBatch(**fields), shards * n_patch
 
 
 def step_config(c):
