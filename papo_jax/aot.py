@@ -159,27 +159,13 @@ def hf_architecture(c, config_path: str = "", arch: str = "") -> dict:
   if c.model.init == "pretrained" and c.model.path and os.path.exists(os.path.join(c.model.path, "config.json")):
     with open(os.path.join(c.model.path, "config.json")) as f:
       return json.load(f)
-  if c.model.init == "tiny_random":
-    from papo_jax import train
-    from papo_jax.data import tiny_tokenizer
+  if c.model.init == "tiny_random":   # the trainer's tiny checkpoint config, with its tokenizer's ids
     import tempfile
-    with tempfile.TemporaryDirectory() as d:   # token ids of the tiny tokenizer
+    from papo_jax.data import tiny_tokenizer
+    from papo_jax.models.tiny import tiny_model_config
+    with tempfile.TemporaryDirectory() as d:
       ids = tiny_tokenizer.build_tiny_checkpoint_files(d, family=c.model.tiny.family)
-    t = c.model.tiny
-    if t.family == "qwen3_vl":
-      return train._tiny_qwen3_vl_config(t, ids)
-    return dict(model_type="qwen2_5_vl", vocab_size=ids["vocab_size"], hidden_size=t.hidden_size,
-                intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
-                num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
-                rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=4096, tie_word_embeddings=True,
-                rope_scaling={"type": "mrope",
-                              "mrope_section": train._mrope_section(t.hidden_size // t.num_attention_heads)},
-                **{k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                       "vision_end_token_id", "bos_token_id", "eos_token_id", "pad_token_id")},
-                vision_config=dict(depth=t.vision_depth, hidden_size=t.vision_hidden_size, num_heads=t.vision_heads,
-                                   intermediate_size=t.vision_intermediate_size, out_hidden_size=t.hidden_size,
-                                   fullatt_block_indexes=[t.vision_depth - 1], patch_size=14, spatial_merge_size=2,
-                                   temporal_patch_size=2, window_size=112, tokens_per_second=2))
+    return tiny_model_config(c.model.tiny, ids)
   name = arch or CONFIG_ARCHITECTURE.get(os.path.splitext(os.path.basename(config_path.split(":")[0]))[0], "")
   if name not in ARCHITECTURES:
     raise ValueError(f"no checkpoint config.json under model.path={c.model.path!r} and no known architecture "
@@ -195,10 +181,11 @@ def target_attention(name: str) -> str:
 def model_config(c, hf: dict, *, layers: int | None = None):
   """ModelConfig with the run's dtypes/remat/attention; ``layers`` shortens the decoder and the vision tower
   in proportion (for extrapolation)."""
-  from papo_jax import models, train
+  from papo_jax import models
+  from papo_jax.models.limits import max_image_patches
   mc = models.from_hf_dict(hf, dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat,
                            attention=target_attention(c.model.attention), attention_block=c.model.attention_block)
-  mc = mc.replace(max_image_patches=train.max_image_patches(c, mc), hf_dict=None)
+  mc = mc.replace(max_image_patches=max_image_patches(c.data.max_pixels, mc.vision.patch_size), hf_dict=None)
   if layers is not None:
     mc = shortened(mc, layers)
   return mc
@@ -629,19 +616,6 @@ def train_batch_specs(mc, mesh, s: Shapes, *, micro_batches: int, with_mask: boo
   return TrainBatch(**fields), shards * n_patch
 
 
-def step_config(c):
-  """rl/train_step.StepConfig from a run config (as train.py builds it)."""
-  from papo_jax.rl.losses import LossConfig
-  from papo_jax.rl.train_step import StepConfig
-  clamp = (0.0, c.papo.kl_prcp_clamp_hi) if c.papo.kl_prcp_clamp_hi > 0 else None
-  loss = LossConfig(eps_low=c.algo.eps_low, eps_high=c.algo.eps_high, dual_clip=c.algo.dual_clip, beta=c.algo.beta,
-                    gamma=c.papo.gamma, eta_ori=c.papo.eta_ori, eta_mask=c.papo.eta_mask, agg=c.algo.agg,
-                    kl_prcp_clamp=clamp,
-                    kl_prcp_top_frac=c.papo.kl_prcp_top_frac if c.papo.kl_prcp_top_frac > 0 else None)
-  return StepConfig(loss=loss, mask_grad=c.papo.mask_grad, logprob_chunk=c.optim.logprob_chunk,
-                    grad_clip=c.optim.grad_clip)
-
-
 class CompilerOOM(Exception):
   """The TPU compiler refused the program: its temporaries alone exceed the chip's HBM."""
 
@@ -696,7 +670,8 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
   from flax import nnx
   from papo_jax import models
   from papo_jax.parallel import make_mesh, state_shardings, use_mesh_rules
-  from papo_jax.rl.train_step import init_train_state, make_logprob_pass, make_optimizer, make_train_step
+  from papo_jax.config_base import optimizer, step_config
+  from papo_jax.rl.train_step import init_train_state, make_logprob_pass, make_train_step
   from papo_jax.sampling import SamplingConfig, Sampler
   from papo_jax.sampling.budget import rollout_chunk_prompts
 
@@ -709,8 +684,7 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
   graphdef, abstract = nnx.split(models.abstract_model(mc))
   param_sh = state_shardings(abstract, mesh)
   params = _with_sharding(abstract, param_sh)
-  tx = make_optimizer(c.optim.lr, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps, weight_decay=c.optim.weight_decay,
-                      grad_clip=c.optim.grad_clip)
+  tx = optimizer(c)
   state_abs = jax.eval_shape(lambda p: init_train_state(p, tx), abstract)
   state_sh = state_shardings(state_abs, mesh)
   state = _with_sharding(state_abs, state_sh)
