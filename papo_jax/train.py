@@ -34,7 +34,7 @@ from papo_jax import metrics as metrics_lib
 from papo_jax.config_base import ConfigError, optimizer, perception_terms, step_config, validate_config
 from papo_jax.parallel import (GlobalBatches, batch_shards, first_process_then_sync, global_train_arrays,
                                pinned_shardings, start_distributed, to_host, use_mesh_rules)
-from papo_jax.rollouts import groups_from_batch, make_validator, repeat_answers, sample_texts
+from papo_jax.rollouts import groups_from_batch, make_validator, repeat_answers, rollout_chunk_prompts, sample_texts
 
 FLAGS = flags.FLAGS
 
@@ -63,6 +63,7 @@ class Run:
   logprob_pass: Any | None     # several mini-batches: old/masked/ref log-probs before the first update
   stop_ids: tuple
   pad_id: int
+  rollout_chunk: int = 0        # prompts per generate call (0: the whole batch); rollouts.rollout_chunk_prompts
 
 
 # ============================================================================================
@@ -117,7 +118,7 @@ def collect_groups(run: Run, params, step: int) -> Collected:
     with use_mesh_rules(run.mesh):
       toks, mask, texts = sample_texts(run.sampler, params, batch, n=n, key=rollout_key(
           c.train.seed, step, round_, int(batch.stats.get("batch_index", 0))), tokenizer=run.tokenizer,
-          stop_ids=run.stop_ids)
+          stop_ids=run.stop_ids, chunk_prompts=run.rollout_chunk)
     seconds_gen += time.perf_counter() - t
     answers = repeat_answers(batch.answers, n)
     groups = groups_from_batch(batch, toks, mask, n)
@@ -237,12 +238,17 @@ def setup(c, workdir: str, mesh):
   sampler = Sampler(graphdef, SamplingConfig(
       max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature, top_p=c.rollout.top_p,
       top_k=c.rollout.top_k, cache_dtype=c.rollout.cache_dtype, stop_token_ids=stop_ids,
-      pad_token_id=mcfg.pad_token_id), mesh=mesh)
+      pad_token_id=mcfg.pad_token_id, top_p_candidates=c.rollout.top_p_candidates), mesh=mesh)
+  # Sized after the training state is on the devices: their free memory is the budget.
+  chunk = rollout_chunk_prompts(c, mcfg, mesh, total_prompts=data_cfg.batch_size)
+  if chunk:
+    logging.info("rollouts: %d prompts per generate call (of %d)", chunk, data_cfg.batch_size)
   run = Run(c=c, mesh=mesh, graphdef=graphdef, model_config=mcfg, it=it, tokenizer=it.processor.tokenizer,
             sampler=sampler, reward_fn=rewards.make_reward_fn(c.reward, it.processor),
             grader=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reward"), train_step=train_step,
             logprob_pass=jax.jit(make_logprob_pass(graphdef, step_cfg)) if c.optim.mini_batches > 1 else None,
-            stop_ids=stop_ids, pad_id=mcfg.pad_token_id if mcfg.pad_token_id is not None else 0)
+            stop_ids=stop_ids, pad_id=mcfg.pad_token_id if mcfg.pad_token_id is not None else 0,
+            rollout_chunk=chunk)
   return run, state, state_sh, initial, data_cfg
 
 
