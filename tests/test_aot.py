@@ -252,3 +252,22 @@ def test_train_batch_specs_match_the_assembled_batch(data, fsdp, n, rows_per_mic
     assert (sd.shape, sd.dtype) == (a.shape, a.dtype), (k, sd.shape, sd.dtype, a.shape, a.dtype)
     assert sd.sharding.spec == a.sharding.spec, (k, sd.sharding.spec, a.sharding.spec)
   assert patches == arrays["pixel_values"].shape[1] * arrays["pixel_values"].shape[2]
+
+
+def test_trainer_rollout_chunk_from_config():
+  """rollouts.rollout_chunk_prompts: a fixed chunk, one sized from kv_budget_gb per chip over the batch
+  shards (the budget module's answer), and no chunking when the devices report no memory (CPU)."""
+  from papo_jax.config_base import paper_config
+  from papo_jax.parallel import make_mesh
+  from papo_jax.rollouts import rollout_chunk_prompts
+  c = paper_config("papo_g", micro_batches=16)
+  mc = _mc("Qwen2.5-VL-3B-Instruct")
+  mesh = make_mesh(1, -1, 1)
+  assert rollout_chunk_prompts(c, mc, mesh, total_prompts=384) == 0   # CPU devices: no memory_stats
+  c.rollout.kv_budget_gb = 6.5
+  want = budget.rollout_chunk_prompts(mc, n_samples=5, prompt_len=4096, max_new_tokens=2048,
+                                      hbm_bytes_budget=6.5 * 2**30, n_devices=8, total_prompts=384, batch_shards=8,
+                                      patches_per_prompt=5120)
+  assert rollout_chunk_prompts(c, mc, mesh, total_prompts=384) == want == 24
+  c.rollout.chunk_prompts = 48
+  assert rollout_chunk_prompts(c, mc, mesh, total_prompts=384) == 48
