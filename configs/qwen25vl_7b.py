@@ -5,9 +5,8 @@
 
 Variants: papo_g (default: gamma 0.02, ref KL 0.01, double entropy eta 0.05/0.05), grpo,
 papo_g_no_ref_kl, dapo, papo_d. Hardware: the paper used 4 x H100-80G. TPU (docs/tpu.md): the
-smallest slice is v5p-8 (4 chips x 95 GiB; to be confirmed by ``python -m papo_jax.aot
---config=configs/qwen25vl_7b.py --topology=v5p:2x2x1`` once images are batch-sharded and remat
-works): FSDP over 4 chips holds 35 GiB per chip of fp32 parameters, AdamW moments, gradients
+smallest slice is v5p-8 (4 chips x 95 GiB, by the arithmetic of docs/tpu.md; the full compile,
+``python -m papo_jax.aot --config=configs/qwen25vl_7b.py --topology=v5p:2x2x1``, is still to be run): FSDP over 4 chips holds 35 GiB per chip of fp32 parameters, AdamW moments, gradients
 and the bf16 reference; it needs model.remat=True and optim.micro_batches=32 or more (20 rows
 = 5 per chip). A v5e-16 (16 GiB chips) cannot hold that state plus a micro-batch.
 Expected (avg@8): GRPO 58.78 -> PAPO-G 61.66; DAPO 55.01 -> PAPO-D 63.16.

@@ -9,8 +9,8 @@ authors' Qwen3-VL branch, the perception KL really reaches the gradient here
 (tests/test_models_qwen3_vl.py). Hardware: none is published for this run; 2.13 B parameters
 make 26 GB of fp32 weights + AdamW moments and a 4 GB bf16 reference, so 2 x H100-80G (the
 paper's 3B setting). TPU (docs/tpu.md): the smallest slice is v5e-8 (to be confirmed by
-``python -m papo_jax.aot --config=configs/qwen3vl_2b.py --topology=v5e:2x4`` once images are
-batch-sharded and remat works): FSDP over 8 chips (the default mesh) holds 4.4 GiB per chip
+``python -m papo_jax.aot --config=configs/qwen3vl_2b.py --topology=v5e:2x4``; by the arithmetic
+of docs/tpu.md, the full compile is still to be run): FSDP over 8 chips (the default mesh) holds 4.4 GiB per chip
 of state; it needs model.remat=True and optim.micro_batches=80 (1 row per chip per
 micro-batch; images of up to 3,920 patches of 16 px).
 The checkpoint's files set the rest: Qwen3-VL's processor (patch 16, 32 px resize factor,

@@ -26,9 +26,9 @@ and attention included), a roofline time and the implied MFU bound, then a markd
 per program for docs/tpu.md. It exits with status 1 when a program does not fit, naming
 the setting to change.
 
-The project's Pallas attention picks interpret mode when ``jax.default_backend()`` is not
-``tpu``; on this host it is ``cpu``, so while tracing, :func:`tpu_attention_target` makes
-the attention module see ``tpu`` (the kernels then lower through Mosaic for the TPU).
+Attention picks its paths for the platform it is traced for; the host here is ``cpu``, so
+tracing runs under :func:`papo_jax.models.attention.target_platform` set to ``tpu`` (the
+splash kernels then lower through Mosaic for the TPU instead of interpret mode).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ import os
 import re
 import sys
 import time
-import types
 from typing import Any, Callable
 
 if __name__ == "__main__":
@@ -160,27 +159,13 @@ def hf_architecture(c, config_path: str = "", arch: str = "") -> dict:
   if c.model.init == "pretrained" and c.model.path and os.path.exists(os.path.join(c.model.path, "config.json")):
     with open(os.path.join(c.model.path, "config.json")) as f:
       return json.load(f)
-  if c.model.init == "tiny_random":
-    from papo_jax import train
-    from papo_jax.data import tiny_tokenizer
+  if c.model.init == "tiny_random":   # the trainer's tiny checkpoint config, with its tokenizer's ids
     import tempfile
-    with tempfile.TemporaryDirectory() as d:   # token ids of the tiny tokenizer
+    from papo_jax.data import tiny_tokenizer
+    from papo_jax.models.tiny import tiny_model_config
+    with tempfile.TemporaryDirectory() as d:
       ids = tiny_tokenizer.build_tiny_checkpoint_files(d, family=c.model.tiny.family)
-    t = c.model.tiny
-    if t.family == "qwen3_vl":
-      return train._tiny_qwen3_vl_config(t, ids)
-    return dict(model_type="qwen2_5_vl", vocab_size=ids["vocab_size"], hidden_size=t.hidden_size,
-                intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
-                num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
-                rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=4096, tie_word_embeddings=True,
-                rope_scaling={"type": "mrope",
-                              "mrope_section": train._mrope_section(t.hidden_size // t.num_attention_heads)},
-                **{k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                       "vision_end_token_id", "bos_token_id", "eos_token_id", "pad_token_id")},
-                vision_config=dict(depth=t.vision_depth, hidden_size=t.vision_hidden_size, num_heads=t.vision_heads,
-                                   intermediate_size=t.vision_intermediate_size, out_hidden_size=t.hidden_size,
-                                   fullatt_block_indexes=[t.vision_depth - 1], patch_size=14, spatial_merge_size=2,
-                                   temporal_patch_size=2, window_size=112, tokens_per_second=2))
+    return tiny_model_config(c.model.tiny, ids)
   name = arch or CONFIG_ARCHITECTURE.get(os.path.splitext(os.path.basename(config_path.split(":")[0]))[0], "")
   if name not in ARCHITECTURES:
     raise ValueError(f"no checkpoint config.json under model.path={c.model.path!r} and no known architecture "
@@ -196,10 +181,11 @@ def target_attention(name: str) -> str:
 def model_config(c, hf: dict, *, layers: int | None = None):
   """ModelConfig with the run's dtypes/remat/attention; ``layers`` shortens the decoder and the vision tower
   in proportion (for extrapolation)."""
-  from papo_jax import models, train
+  from papo_jax import models
+  from papo_jax.models.limits import max_image_patches
   mc = models.from_hf_dict(hf, dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat,
                            attention=target_attention(c.model.attention), attention_block=c.model.attention_block)
-  mc = mc.replace(max_image_patches=train.max_image_patches(c, mc), hf_dict=None)
+  mc = mc.replace(max_image_patches=max_image_patches(c.data.max_pixels, mc.vision.patch_size), hf_dict=None)
   if layers is not None:
     mc = shortened(mc, layers)
   return mc
@@ -520,39 +506,13 @@ def peak_table() -> str:
 # ============================================================================================
 
 
-class _TpuJax(types.ModuleType):
-  """``jax`` as seen by papo_jax.models.attention while tracing for a TPU target."""
-
-  def __init__(self):
-    super().__init__("jax")
-
-  def __getattr__(self, name):
-    return getattr(jax, name)
-
-  @staticmethod
-  def default_backend():
-    return "tpu"
-
-
 @contextlib.contextmanager
 def tpu_attention_target():
-  """Makes the attention module take its TPU paths (splash kernels lowered by Mosaic, not interpreted).
-
-  ``attention.py`` decides interpret mode from ``jax.default_backend()``; here its module-level
-  ``jax`` is swapped for a view that answers ``tpu``, for the duration of tracing only. When the
-  module offers ``target_platform`` (a context for exactly this), that is used instead.
-  """
+  """Makes attention take its TPU paths while tracing (splash kernels lowered by Mosaic, not
+  interpreted): :func:`papo_jax.models.attention.target_platform` set to ``tpu``."""
   from papo_jax.models import attention
-  if hasattr(attention, "target_platform"):
-    with attention.target_platform("tpu"):
-      yield
-    return
-  saved = attention.jax
-  attention.jax = _TpuJax()
-  try:
+  with attention.target_platform("tpu"):
     yield
-  finally:
-    attention.jax = saved
 
 
 def _with_sharding(tree, shardings):
@@ -599,6 +559,7 @@ class Shapes:
   mini_batches: int
   images_per_row: int
   patches_per_image: int
+  n_samples: int = 1        # rollout.n: a shard encodes a prompt's image once for its n rows
 
   @property
   def length(self) -> int:
@@ -613,39 +574,46 @@ def shapes_for(c, mc, *, prompt_len: int = 0, images_per_row: int = 1) -> Shapes
                      f"mini x {c.optim.micro_batches} micro batches")
   lp = prompt_len or max(tuple(c.data.prompt_length_buckets) or (c.data.max_prompt_length,))
   return Shapes(lp, c.rollout.max_new_tokens, rows // per_update, c.optim.micro_batches, c.optim.mini_batches,
-                images_per_row, c.data.max_pixels // mc.vision.patch_size ** 2)
+                images_per_row, c.data.max_pixels // mc.vision.patch_size ** 2, c.rollout.n)
 
 
-def train_batch_specs(mc, mesh, s: Shapes, *, micro_batches: int, with_mask: bool, logps: tuple[str, ...] = ()):
-  """Abstract TrainBatch as ``train.py``'s ``device_batch`` feeds it: rows [M, b, ...] over the batch
-  axes, each micro-batch's images (every row's own copy, f32) replicated. Keep in step with device_batch."""
+def train_batch_specs(mc, mesh, s: Shapes, *, micro_batches: int, with_mask: bool, logps: tuple[str, ...] = (),
+                      dtype=None):
+  """Abstract TrainBatch exactly as the trainer feeds it (``rl/batching.assemble_train_batch`` with
+  ``shards=batch_shards(mesh)``, ``pixel_dtype=model.dtype``, then ``global_train_arrays``).
+
+  Rows [M, b, ...] and the per-shard images are split over the batch axes on axis 1:
+  pixel_values / masked_pixel_values [M, S, N, P] in the compute dtype, image_grid_thw
+  [M, S, I, 3], row_image_start [M, b]. A shard holds each distinct prompt's images once,
+  so N and I are sized for the most prompts any shard of the update's group-major rows
+  (r = g * n + k) touches, each with ``images_per_row`` images of the largest patch count.
+  Returns (batch, patches encoded per micro-batch over all shards).
+  """
+  from papo_jax.parallel import batch_shards
   from papo_jax.rl.train_step import TrainBatch
   m, b, t, l = micro_batches, s.rows_per_micro, s.response_len, s.length
-  row = (None, "batch")
-  n_patch = _round_up(b * s.images_per_row * s.patches_per_image, 64)
-  n_img = _round_up(b * s.images_per_row, 4)
-  pix = (m, n_patch, mc.vision.patch_dim)
+  shards = batch_shards(mesh)
+  if b % shards:
+    raise ValueError(f"config field optim.micro_batches: micro-batches of {b} rows do not split into "
+                     f"{shards} batch shards (mesh data x fsdp)")
+  per_shard, n = b // shards, max(1, s.n_samples)
+  # Distinct prompts per shard, as batching.shard_images counts them (the worst shard).
+  prompts = max(len({r // n for r in range(r0, r0 + per_shard)}) for r0 in range(0, m * b, per_shard))
+  n_patch = _round_up(prompts * s.images_per_row * s.patches_per_image, 64)
+  n_img = _round_up(prompts * s.images_per_row, 4)
+  row, shard = (None, "batch"), (None, "batch")
+  pix_dtype = dtype or mc.dtype
+  pix = (m, shards, n_patch, mc.vision.patch_dim)
   fields = dict(
       input_ids=_sds(mesh, (m, b, l), jnp.int32, row), attention_mask=_sds(mesh, (m, b, l), jnp.int32, row),
       response_mask=_sds(mesh, (m, b, t), jnp.int32, row), advantages=_sds(mesh, (m, b), jnp.float32, row),
-      pixel_values=_sds(mesh, pix, jnp.float32), image_grid_thw=_sds(mesh, (m, n_img, 3), jnp.int32),
-      masked_pixel_values=_sds(mesh, pix, jnp.float32) if with_mask else None)
+      pixel_values=_sds(mesh, pix, pix_dtype, shard),
+      image_grid_thw=_sds(mesh, (m, shards, n_img, 3), jnp.int32, shard),
+      row_image_start=_sds(mesh, (m, b), jnp.int32, row),
+      masked_pixel_values=_sds(mesh, pix, pix_dtype, shard) if with_mask else None)
   for k in logps:
     fields[k] = _sds(mesh, (m, b, t), jnp.float32, row)
-  return TrainBatch(**fields), n_patch
-
-
-def step_config(c):
-  """rl/train_step.StepConfig from a run config (as train.py builds it)."""
-  from papo_jax.rl.losses import LossConfig
-  from papo_jax.rl.train_step import StepConfig
-  clamp = (0.0, c.papo.kl_prcp_clamp_hi) if c.papo.kl_prcp_clamp_hi > 0 else None
-  loss = LossConfig(eps_low=c.algo.eps_low, eps_high=c.algo.eps_high, dual_clip=c.algo.dual_clip, beta=c.algo.beta,
-                    gamma=c.papo.gamma, eta_ori=c.papo.eta_ori, eta_mask=c.papo.eta_mask, agg=c.algo.agg,
-                    kl_prcp_clamp=clamp,
-                    kl_prcp_top_frac=c.papo.kl_prcp_top_frac if c.papo.kl_prcp_top_frac > 0 else None)
-  return StepConfig(loss=loss, mask_grad=c.papo.mask_grad, logprob_chunk=c.optim.logprob_chunk,
-                    grad_clip=c.optim.grad_clip)
+  return TrainBatch(**fields), shards * n_patch
 
 
 class CompilerOOM(Exception):
@@ -702,7 +670,8 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
   from flax import nnx
   from papo_jax import models
   from papo_jax.parallel import make_mesh, state_shardings, use_mesh_rules
-  from papo_jax.rl.train_step import init_train_state, make_logprob_pass, make_optimizer, make_train_step
+  from papo_jax.config_base import optimizer, step_config
+  from papo_jax.rl.train_step import init_train_state, make_logprob_pass, make_train_step
   from papo_jax.sampling import SamplingConfig, Sampler
   from papo_jax.sampling.budget import rollout_chunk_prompts
 
@@ -715,8 +684,7 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
   graphdef, abstract = nnx.split(models.abstract_model(mc))
   param_sh = state_shardings(abstract, mesh)
   params = _with_sharding(abstract, param_sh)
-  tx = make_optimizer(c.optim.lr, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps, weight_decay=c.optim.weight_decay,
-                      grad_clip=c.optim.grad_clip)
+  tx = optimizer(c)
   state_abs = jax.eval_shape(lambda p: init_train_state(p, tx), abstract)
   state_sh = state_shardings(state_abs, mesh)
   state = _with_sharding(state_abs, state_sh)

@@ -52,7 +52,12 @@ def base_config() -> ml_collections.ConfigDict:
   # response per prompt over `batches` batches. source "" = the training source's kind;
   # for the synthetic task a different seed gives held-out records.
   c.val = dict(source="", path="", every=0, batches=2, batch_size=0, synthetic_seed=12345)
-  c.rollout = dict(n=5, temperature=1.0, top_p=0.99, top_k=0, max_new_tokens=2048, cache_dtype="bfloat16")
+  # chunk_prompts: prompts per generate call (0 = sized from kv_budget_gb per chip by
+  # sampling/budget.py; 0 GB = the device's free memory after the training state, and no
+  # chunking where the device reports none, e.g. CPU). top_p_candidates: top-p looks at that
+  # many largest logits (lax.top_k) instead of sorting the vocabulary (0 = full sort).
+  c.rollout = dict(n=5, temperature=1.0, top_p=0.99, top_k=0, max_new_tokens=2048, cache_dtype="bfloat16",
+                   chunk_prompts=0, kv_budget_gb=0.0, top_p_candidates=1024)
   # engine: static (one batch, every row sized prompt + max_new_tokens; the reference path) |
   # continuous (num_slots decode lanes kept busy over a paged KV cache of kv_pages pages of
   # page_size tokens; prompts prefilled prefill_chunk tokens at a time; one device).
@@ -239,6 +244,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   for f in ("num_slots", "page_size", "kv_pages", "prefill_chunk", "prefill_lanes"):
     need(c.rollout[f] >= 1, f"rollout.{f}", f"{c.rollout[f]} < 1")
   need(c.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", f"{c.rollout.max_new_tokens} < 1")
+  need(c.rollout.chunk_prompts >= 0, "rollout.chunk_prompts", f"{c.rollout.chunk_prompts} < 0 (0 = from the budget)")
+  need(c.rollout.kv_budget_gb >= 0, "rollout.kv_budget_gb", f"{c.rollout.kv_budget_gb} < 0 (0 = free device memory)")
+  need(c.rollout.top_p_candidates >= 0, "rollout.top_p_candidates",
+       f"{c.rollout.top_p_candidates} < 0 (0 = sort the whole vocabulary)")
   need(c.algo.name in ("grpo", "dapo"), "algo.name", f"{c.algo.name!r} is not grpo|dapo")
   need(c.algo.dapo_chunk >= 1, "algo.dapo_chunk", f"{c.algo.dapo_chunk} < 1")
   need(c.algo.dapo_max_rounds >= 1, "algo.dapo_max_rounds", f"{c.algo.dapo_max_rounds} < 1")

@@ -470,7 +470,7 @@ def run(c: ml_collections.ConfigDict, checkpoint: str, out_dir: str, *, step: in
   from papo_jax.data import pipeline
   from papo_jax.data.processor import Processor
   from papo_jax.rl import rewards
-  from papo_jax.sampling import SamplingConfig, Sampler
+  from papo_jax.sampling import SamplingConfig, make_sampler
   ce = c.eval
   if not ce.get("data_dir"):
     raise ValueError("config field eval.data_dir: is empty; give the directory holding the benchmark files")
@@ -486,9 +486,9 @@ def run(c: ml_collections.ConfigDict, checkpoint: str, out_dir: str, *, step: in
   processor = Processor.from_pretrained(model_dir, ce.min_pixels, ce.max_pixels)
   identity = {"checkpoint": ckpt_id, "settings": eval_settings(c, resolved_format_mode(c, processor))}
   stop_ids = tuple(int(t) for t in np.atleast_1d(mcfg.eos_token_id))
-  sampler = Sampler(graphdef, SamplingConfig(
+  sampler = make_sampler(graphdef, SamplingConfig(
       max_new_tokens=ce.max_new_tokens, temperature=ce.temperature, top_p=ce.top_p, top_k=ce.top_k,
-      cache_dtype=c.rollout.cache_dtype, stop_token_ids=stop_ids, pad_token_id=mcfg.pad_token_id))
+      cache_dtype=c.rollout.cache_dtype, stop_token_ids=stop_ids, pad_token_id=mcfg.pad_token_id), c.rollout)
   reward_fn = rewards.make_reward_fn(c.reward, processor)
   cfg_data = pipeline.DataConfig(source="parquet", path="", min_pixels=ce.min_pixels, max_pixels=ce.max_pixels,
                                  max_prompt_length=c.data.max_prompt_length,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -17,13 +18,86 @@ def batch_images(batch):
   return batch.pixel_values, batch.image_grid_thw
 
 
-def sample_texts(sampler, params, batch, *, n: int, key, tokenizer, stop_ids):
-  """n responses per prompt: (host tokens [R, T], host mask [R, T], texts [R]), R = B * n, prompt-major."""
+def sample_texts(sampler, params, batch, *, n: int, key, tokenizer, stop_ids, chunk_prompts: int = 0):
+  """n responses per prompt: (host tokens [R, T], host mask [R, T], texts [R]), R = B * n, prompt-major.
+
+  ``chunk_prompts`` > 0 and below B generates ``chunk_prompts`` prompts at a time (the KV
+  cache and prefill temporaries scale with the chunk; see :func:`rollout_chunk_prompts`) and
+  concatenates; chunk i draws with ``fold_in(key, i)``.
+  """
   from papo_jax.parallel import to_host
-  pv, grid = batch_images(batch)
-  ro = sampler.generate(params, batch.input_ids, batch.attention_mask, pv, grid, n=n, key=key)
-  toks, mask = to_host((ro.tokens_RxT, ro.mask_RxT))
+  chunks = prompt_chunks(batch, chunk_prompts)
+  if len(chunks) > 1:
+    key = jax.random.key(key) if isinstance(key, int) else key
+  toks, mask = [], []
+  for i, (ids, am, pv, grid) in enumerate(chunks):
+    ro = sampler.generate(params, ids, am, pv, grid, n=n, key=key if len(chunks) == 1 else jax.random.fold_in(key, i))
+    t, m = to_host((ro.tokens_RxT, ro.mask_RxT))
+    toks.append(t)
+    mask.append(m)
+  toks, mask = (toks[0], mask[0]) if len(chunks) == 1 else (np.concatenate(toks), np.concatenate(mask))
   return toks, mask, decode_responses(tokenizer, toks, mask, stop_ids)
+
+
+def prompt_chunks(batch, chunk_prompts: int, *, patch_multiple: int = 64, image_multiple: int = 4) -> list[tuple]:
+  """(input_ids, attention_mask, pixel_values, image_grid_thw) per chunk of ``chunk_prompts`` prompts.
+
+  The whole batch when ``chunk_prompts`` is 0 or not below B. Each chunk's pixel rows are its
+  prompts' images (cut by ``image_counts``), zero-padded, like its grid rows, to one size for
+  all chunks (the largest, rounded up), so equal-sized chunks share one compiled program.
+  """
+  b = batch.input_ids.shape[0]
+  pv_all, grid_all = batch_images(batch)
+  if chunk_prompts <= 0 or chunk_prompts >= b:
+    return [(batch.input_ids, batch.attention_mask, pv_all, grid_all)]
+  bounds = list(range(0, b, chunk_prompts)) + [b]
+  if pv_all is None:
+    return [(batch.input_ids[a:e], batch.attention_mask[a:e], None, None) for a, e in zip(bounds, bounds[1:])]
+  counts = np.asarray(batch.image_counts, np.int64)
+  grid = np.asarray(grid_all, np.int64).reshape(-1, 3)
+  img_start = np.concatenate([[0], np.cumsum(counts)])
+  patch_start = np.concatenate([[0], np.cumsum(grid[:img_start[-1]].prod(-1))])
+  spans = [(img_start[a], img_start[e]) for a, e in zip(bounds, bounds[1:])]
+  round_up = lambda x, m: max(m, -(-int(x) // m) * m)
+  n_max = round_up(max(patch_start[i1] - patch_start[i0] for i0, i1 in spans), patch_multiple)
+  i_max = round_up(max(i1 - i0 for i0, i1 in spans), image_multiple)
+  pv_all = np.asarray(pv_all)
+  out = []
+  for (a, e), (i0, i1) in zip(zip(bounds, bounds[1:]), spans):
+    pv = np.zeros((n_max, pv_all.shape[1]), pv_all.dtype)
+    pv[:patch_start[i1] - patch_start[i0]] = pv_all[patch_start[i0]:patch_start[i1]]
+    g = np.zeros((i_max, 3), np.int32)
+    g[:i1 - i0] = grid[i0:i1]
+    out.append((batch.input_ids[a:e], batch.attention_mask[a:e], pv, g))
+  return out
+
+
+def rollout_chunk_prompts(c, model_config, mesh, *, total_prompts: int) -> int:
+  """Prompts per generate call for a run: ``rollout.chunk_prompts`` when set, else sized by
+  :func:`papo_jax.sampling.budget.rollout_chunk_prompts` from ``rollout.kv_budget_gb`` per
+  chip, or (0 GB) from the free memory the devices report after the training state is
+  placed (90% of it); 0 (no chunking) when they report none (CPU)."""
+  from papo_jax.parallel import batch_shards
+  from papo_jax.sampling import budget
+  if c.rollout.chunk_prompts > 0:
+    return int(c.rollout.chunk_prompts)
+  if c.rollout.kv_budget_gb > 0:
+    per_chip = c.rollout.kv_budget_gb * 2**30
+  else:
+    free = [s["bytes_limit"] - s["bytes_in_use"] for s in
+            (d.memory_stats() or {} for d in (mesh.devices.flat if mesh is not None else jax.local_devices()))
+            if "bytes_limit" in s and "bytes_in_use" in s]
+    if not free:
+      return 0
+    per_chip = 0.9 * min(free)
+  shards = batch_shards(mesh)
+  patch = model_config.vision.patch_size
+  return budget.rollout_chunk_prompts(
+      model_config, n_samples=c.rollout.n, prompt_len=max(tuple(c.data.prompt_length_buckets) or
+                                                          (c.data.max_prompt_length,)),
+      max_new_tokens=c.rollout.max_new_tokens, hbm_bytes_budget=per_chip, n_devices=shards,
+      total_prompts=total_prompts, batch_shards=shards, cache_dtype=c.rollout.cache_dtype,
+      compute_dtype=c.model.dtype, patches_per_prompt=c.data.max_pixels // patch ** 2 if c.data.max_pixels else 0)
 
 
 def repeat_answers(answers, n: int) -> list[str]:

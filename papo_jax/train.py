@@ -36,7 +36,7 @@ from papo_jax import metrics as metrics_lib
 from papo_jax.config_base import ConfigError, optimizer, perception_terms, step_config, validate_config
 from papo_jax.parallel import (GlobalBatches, batch_shards, first_process_then_sync, global_train_arrays,
                                pinned_shardings, start_distributed, to_host, use_mesh_rules)
-from papo_jax.rollouts import groups_from_batch, make_validator, repeat_answers, sample_texts
+from papo_jax.rollouts import groups_from_batch, make_validator, repeat_answers, rollout_chunk_prompts, sample_texts
 
 FLAGS = flags.FLAGS
 
@@ -65,6 +65,7 @@ class Run:
   logprob_pass: Any | None     # several mini-batches: old/masked/ref log-probs before the first update
   stop_ids: tuple
   pad_id: int
+  rollout_chunk: int = 0        # prompts per generate call (0: the whole batch); rollouts.rollout_chunk_prompts
 
   def close(self):
     for closable in (self.it, self.reward_fn):
@@ -125,7 +126,7 @@ def collect_groups(run: Run, params, step: int) -> Collected:
     with use_mesh_rules(run.mesh):
       toks, mask, texts = sample_texts(run.sampler, params, batch, n=n, key=rollout_key(
           c.train.seed, step, round_, int(batch.stats.get("batch_index", 0))), tokenizer=run.tokenizer,
-          stop_ids=run.stop_ids)
+          stop_ids=run.stop_ids, chunk_prompts=run.rollout_chunk)
     seconds_gen += time.perf_counter() - t
     answers = repeat_answers(batch.answers, n)
     groups = groups_from_batch(batch, toks, mask, n)
@@ -214,7 +215,7 @@ def setup(c, workdir: str, mesh):
   from papo_jax.models.tiny import build_tiny_checkpoint
   from papo_jax.rl import rewards
   from papo_jax.rl.train_step import init_train_state, make_logprob_pass, make_train_step
-  from papo_jax.sampling import SamplingConfig, Sampler
+  from papo_jax.sampling import SamplingConfig, make_sampler
   if c.model.init == "pretrained":
     model_path = remote.localize(c.model.path)
   else:
@@ -242,15 +243,20 @@ def setup(c, workdir: str, mesh):
   local_it = pipeline.make_iterator(data_cfg, ckpt_dir=model_path)
   it = GlobalBatches(local_it, local_it.processor.pad_token_id)
   stop_ids = tuple(int(t) for t in np.atleast_1d(mcfg.eos_token_id))
-  sampler = Sampler(graphdef, SamplingConfig(
+  sampler = make_sampler(graphdef, SamplingConfig(
       max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature, top_p=c.rollout.top_p,
       top_k=c.rollout.top_k, cache_dtype=c.rollout.cache_dtype, stop_token_ids=stop_ids,
-      pad_token_id=mcfg.pad_token_id), mesh=mesh)
+      pad_token_id=mcfg.pad_token_id, top_p_candidates=c.rollout.top_p_candidates), c.rollout, mesh)
+  # Sized after the training state is on the devices: their free memory is the budget.
+  chunk = rollout_chunk_prompts(c, mcfg, mesh, total_prompts=data_cfg.batch_size)
+  if chunk:
+    logging.info("rollouts: %d prompts per generate call (of %d)", chunk, data_cfg.batch_size)
   run = Run(c=c, mesh=mesh, graphdef=graphdef, model_config=mcfg, it=it, tokenizer=it.processor.tokenizer,
             sampler=sampler, reward_fn=rewards.make_reward_fn(c.reward, it.processor),
             grader=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reward"), train_step=train_step,
             logprob_pass=jax.jit(make_logprob_pass(graphdef, step_cfg)) if c.optim.mini_batches > 1 else None,
-            stop_ids=stop_ids, pad_id=mcfg.pad_token_id if mcfg.pad_token_id is not None else 0)
+            stop_ids=stop_ids, pad_id=mcfg.pad_token_id if mcfg.pad_token_id is not None else 0,
+            rollout_chunk=chunk)
   return run, state, state_sh, initial, data_cfg
 
 

@@ -197,17 +197,17 @@ s = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=NamedSharding(mesh, P("da
 f = lambda: jax.jit(lambda q, k, v, seg: attention.causal_attention(q, k, v, seg, scale=0.1, backend="pallas_tpu",
                                                                     block=128))
 with aot.tpu_attention_target(), use_mesh_rules(mesh):   # the kernel runs per shard (shard_map)
-  assert attention.jax.default_backend() == "tpu"
+  assert attention._platform() == "tpu" and attention.resolve_backend("auto") == "pallas_tpu"
   tpu = f().lower(x, x, x, s).as_text()
-# Outside the context the module sees the host backend again (interpret mode off TPU).
-print("MOSAIC" if "tpu_custom_call" in tpu else "NO-MOSAIC", attention.jax.default_backend())
+# Outside the context attention sees the host backend again (interpret mode off TPU).
+print("MOSAIC" if "tpu_custom_call" in tpu else "NO-MOSAIC", attention._platform(), attention.resolve_backend("auto"))
 """
 
 
 def test_pallas_attention_lowers_through_mosaic_for_a_tpu_target():
   r = _run(["-c", PALLAS_PROBE], timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "MOSAIC cpu" in r.stdout, r.stdout + r.stderr[-2000:]
+  assert "MOSAIC cpu xla" in r.stdout, r.stdout + r.stderr[-2000:]
 
 
 def test_tiny_config_compiles_for_a_tpu_topology():
@@ -222,3 +222,52 @@ def test_tiny_config_compiles_for_a_tpu_topology():
     assert f"| tiny.py | v5e:2x2 | {program}" in out, out
   assert "mesh {'data': 4, 'fsdp': 1, 'tensor': 1} on 4 x TPU v5 lite" in out
   assert out.count(": fits") == 3
+
+
+# -- the abstract train batch follows the trainer's layout -------------------------------------
+
+
+@pytest.mark.parametrize("data,fsdp,n,rows_per_micro", [(2, 2, 2, 8), (1, 4, 4, 4), (4, 1, 3, 12), (2, 1, 4, 6)])
+def test_train_batch_specs_match_the_assembled_batch(data, fsdp, n, rows_per_micro):
+  """Shapes, dtypes and shardings of train_batch_specs equal what assemble_train_batch + global_train_arrays
+  produce for full-size images (the per-shard layout, one copy of each prompt's image per shard)."""
+  import numpy as np
+  from papo_jax.parallel import batch_shards, global_train_arrays, make_mesh
+  from papo_jax.rl import batching
+  mc = models.from_hf_dict(aot.ARCHITECTURES["Qwen2.5-VL-3B-Instruct"]).replace(dtype="bfloat16")
+  mesh = make_mesh(data, fsdp, 1, devices=jax.devices()[:data * fsdp])
+  micro, lp, t, grid = 2, 6, 3, (1, 4, 8)
+  s = aot.Shapes(lp, t, rows_per_micro, micro, 1, 1, int(np.prod(grid)), n)
+  groups = [batching.Group(np.ones(lp, np.int32), np.ones(lp, np.int32),
+                           np.zeros((32, mc.vision.patch_dim), np.float32), np.zeros((32, mc.vision.patch_dim), np.float32),
+                           np.asarray([grid]), np.ones((n, t), np.int32), np.ones((n, t), np.int32), np.zeros(n))
+            for _ in range(micro * rows_per_micro // n)]
+  arrays = batching.assemble_train_batch(groups, micro_batches=micro, pad_id=0, shards=batch_shards(mesh),
+                                         pixel_dtype=mc.dtype)
+  real = global_train_arrays(arrays, mesh)
+  spec, patches = aot.train_batch_specs(mc, mesh, dataclasses.replace(s, response_len=t), micro_batches=micro,
+                                        with_mask=True)
+  for k, a in real.items():
+    sd = getattr(spec, k)
+    assert (sd.shape, sd.dtype) == (a.shape, a.dtype), (k, sd.shape, sd.dtype, a.shape, a.dtype)
+    assert sd.sharding.spec == a.sharding.spec, (k, sd.sharding.spec, a.sharding.spec)
+  assert patches == arrays["pixel_values"].shape[1] * arrays["pixel_values"].shape[2]
+
+
+def test_trainer_rollout_chunk_from_config():
+  """rollouts.rollout_chunk_prompts: a fixed chunk, one sized from kv_budget_gb per chip over the batch
+  shards (the budget module's answer), and no chunking when the devices report no memory (CPU)."""
+  from papo_jax.config_base import paper_config
+  from papo_jax.parallel import make_mesh
+  from papo_jax.rollouts import rollout_chunk_prompts
+  c = paper_config("papo_g", micro_batches=16)
+  mc = _mc("Qwen2.5-VL-3B-Instruct")
+  mesh = make_mesh(1, -1, 1)
+  assert rollout_chunk_prompts(c, mc, mesh, total_prompts=384) == 0   # CPU devices: no memory_stats
+  c.rollout.kv_budget_gb = 6.5
+  want = budget.rollout_chunk_prompts(mc, n_samples=5, prompt_len=4096, max_new_tokens=2048,
+                                      hbm_bytes_budget=6.5 * 2**30, n_devices=8, total_prompts=384, batch_shards=8,
+                                      patches_per_prompt=5120)
+  assert rollout_chunk_prompts(c, mc, mesh, total_prompts=384) == want == 24
+  c.rollout.chunk_prompts = 48
+  assert rollout_chunk_prompts(c, mc, mesh, total_prompts=384) == 48

@@ -25,6 +25,8 @@ Three attention shapes are needed, each a function here:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -37,11 +39,35 @@ from papo_jax.parallel import sharding as sharding_lib
 
 BACKENDS = ("xla", "cudnn", "pallas_tpu")
 
+# The platform the traced program is compiled for; None: the process's default backend.
+# Ahead-of-time compiles for a TPU topology on a CPU host set it to "tpu" (papo_jax.aot).
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(name: str | None):
+  """Traces inside take the attention paths of platform ``name`` (``tpu``, ``gpu``, ``cpu``).
+
+  Used when lowering for a device other than the host's (AOT compiles for a TPU topology):
+  ``auto`` then resolves for ``name`` and splash kernels lower through Mosaic instead of
+  running in interpret mode. ``None`` restores the default backend.
+  """
+  token = _TARGET_PLATFORM.set(name)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
+
+
+def _platform() -> str:
+  """The platform attention is traced for: the :func:`target_platform` in effect, else JAX's default backend."""
+  return _TARGET_PLATFORM.get() or jax.default_backend()
+
 
 def resolve_backend(name: str) -> str:
   """``auto`` -> the platform's fused kernel; anything else is checked and returned."""
   if name == "auto":
-    return {"tpu": "pallas_tpu", "gpu": "cudnn", "cuda": "cudnn"}.get(jax.default_backend(), "xla")
+    return {"tpu": "pallas_tpu", "gpu": "cudnn", "cuda": "cudnn"}.get(_platform(), "xla")
   if name not in BACKENDS:
     raise ValueError(f"model.attention: {name!r} is not one of auto, {', '.join(BACKENDS)}")
   return name
@@ -240,7 +266,7 @@ def splash_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, q_seg_BxL, kv_seg_BxL, *, 
   g = h // kvh
   blk = min(block, _round_up(l, 128))
   lp = _round_up(l, blk)
-  interpret = jax.default_backend() != "tpu"
+  interpret = _platform() != "tpu"
   kernel, segment_ids = _splash_kernel(kind, lp, g, window, blk, blk, interpret)
 
   def run(q, k, v, qs, ks):

@@ -14,18 +14,21 @@ neighbouring windows, full layers per image padded to ``max_image_patches``
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from papo_jax.models.config import VisionConfig
 from papo_jax.models.attention import segment_attention, window_attention
 from papo_jax.models.layers import Dense, RMSNorm, apply_rope, remat_call, resolve_remat
 from papo_jax.models.positions import image_token_layout
 from papo_jax.parallel import constrain, use_mesh_rules
+from papo_jax.parallel.sharding import current_mesh_rules, logical_to_mesh_spec
 
 
 class SharedImages(NamedTuple):
@@ -73,17 +76,44 @@ def gather_shard_rows(feats_SxKxD: jax.Array, index_BxL: jax.Array) -> jax.Array
 def encode_shards(tower, images: SharedImages):
   """Runs the vision tower on each shard's images: the tower's outputs with a leading S axis.
 
-  The shard axis is pinned to the batch mesh axes; inside, the tower runs unconstrained
-  (its per-shard layout is a vmap away from the batch axes, and XLA propagates the shard
-  split through it), so each device encodes only its own shards.
+  Under a mesh (:func:`papo_jax.parallel.use_mesh_rules`) whose batch axes split S, the
+  tower runs per device in a ``shard_map`` over those axes (its weights replicated into it,
+  their gradient summed back by the transpose), so each device encodes only its own shards
+  and Pallas kernels inside (splash attention, which cannot be auto-partitioned) see local
+  arrays. Otherwise the shard axis is only pinned to the batch axes and the tower runs
+  unconstrained under a vmap.
   """
   pv = constrain(images.pixel_values_SxNxP, ("batch", None, None))
   grid = images.image_grid_thw_SxIx3
   if not isinstance(grid, jax.core.Tracer):
     check_image_patches(np.asarray(grid).reshape(-1, 3), min(tower.max_image_patches, pv.shape[1]))
-  with use_mesh_rules(None):
-    out = jax.vmap(tower)(pv, grid)
-  return jax.tree.map(lambda a: constrain(a, ("batch",) + (None,) * (a.ndim - 1)), out)
+  axes = _shard_axes(pv.shape[0])
+  if axes is None:
+    with use_mesh_rules(None):
+      out = jax.vmap(tower)(pv, grid)
+    return jax.tree.map(lambda a: constrain(a, ("batch",) + (None,) * (a.ndim - 1)), out)
+  mesh, spec = axes
+  graphdef, state = nnx.split(tower)
+
+  def local(state, pv, grid):
+    with use_mesh_rules(None):
+      return jax.vmap(nnx.merge(graphdef, state))(pv, grid)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(spec), PartitionSpec(spec)),
+                       out_specs=PartitionSpec(spec), check_vma=False)(state, pv, grid)
+
+
+def _shard_axes(num_shards: int):
+  """(mesh, batch mesh axes) when the enclosing mesh rules split ``num_shards`` evenly over them, else None."""
+  ctx = current_mesh_rules()
+  if ctx is None:
+    return None
+  mesh, rules = ctx
+  spec = logical_to_mesh_spec(("batch",), rules, mesh)[0]
+  if spec is None:
+    return None
+  size = math.prod(mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec))
+  return (mesh, spec) if size > 1 and num_shards % size == 0 else None
 
 
 def vision_layout(grid_thw_Ix3: jax.Array, num_patches: int, merge: int, window: int):

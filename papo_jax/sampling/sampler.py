@@ -63,6 +63,7 @@ class SamplingConfig:
   cache_dtype: str = "bfloat16"
   stop_token_ids: tuple[int, ...] | None = None
   pad_token_id: int | None = None
+  top_p_candidates: int = 1024   # top-p over this many largest logits (0: full sort); see filter_logits
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -72,6 +73,8 @@ class SamplingConfig:
                        f"{self.temperature}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+    if self.top_p_candidates < 0:
+      raise ValueError(f"SamplingConfig.top_p_candidates must be >= 0 (0: full sort), got {self.top_p_candidates}")
     if self.stop_token_ids is not None:
       object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
@@ -115,7 +118,7 @@ class Rollout(NamedTuple):
 
 # Candidates the top-p filter considers: a lax.top_k over this many logits replaces a full
 # vocabulary sort at every decode step (151,936 entries for Qwen).
-TOP_P_CANDIDATES = 1024
+TOP_P_CANDIDATES = SamplingConfig.top_p_candidates
 
 
 def filter_logits(logits_BxV: jax.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -230,7 +233,7 @@ class Sampler:
   def _sample(self, logits_RxV, keys_R, banned):
     c = self.cfg
     return sample_tokens(logits_RxV, keys_R, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                         greedy=c.greedy, banned_ids=banned)
+                         greedy=c.greedy, banned_ids=banned, top_p_candidates=c.top_p_candidates)
 
   # prefill -----------------------------------------------------------------------------------
 
