@@ -10,7 +10,6 @@ step, so each step appears once.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging as py_logging
 import os
 import sys

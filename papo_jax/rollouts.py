@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 
 import jax
@@ -9,6 +10,25 @@ import numpy as np
 from absl import logging
 
 from papo_jax.data.decode import decode_responses
+
+
+def rollout_key(seed: int, step: int, round_: int, batch_index: int):
+  """The sampling key of one generation round: seed -> step -> round -> data batch."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), round_)
+  return jax.random.fold_in(key, batch_index)
+
+
+def graded(texts, answers, reward_fn):
+  """(rewards, seconds spent grading)."""
+  t = time.perf_counter()
+  return reward_fn(texts, answers), time.perf_counter() - t
+
+
+def done_future(value) -> concurrent.futures.Future:
+  """A Future that already holds ``value`` (rewards graded in the foreground)."""
+  f = concurrent.futures.Future()
+  f.set_result(value)
+  return f
 
 
 def batch_images(batch):

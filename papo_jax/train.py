@@ -36,7 +36,8 @@ from papo_jax import metrics as metrics_lib
 from papo_jax.config_base import ConfigError, optimizer, perception_terms, step_config, validate_config
 from papo_jax.parallel import (GlobalBatches, batch_shards, first_process_then_sync, global_train_arrays,
                                pinned_shardings, start_distributed, to_host, use_mesh_rules)
-from papo_jax.rollouts import groups_from_batch, make_validator, repeat_answers, rollout_chunk_prompts, sample_texts
+from papo_jax.rollouts import (done_future, graded, groups_from_batch, make_validator, repeat_answers,
+                               rollout_chunk_prompts, rollout_key, sample_texts)
 
 FLAGS = flags.FLAGS
 
@@ -88,23 +89,6 @@ class Collected(NamedTuple):
   stats: dict                   # data pipeline stats of the last prompt batch
 
 
-def rollout_key(seed: int, step: int, round_: int, batch_index: int):
-  """The sampling key of one generation round: seed -> step -> round -> data batch."""
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), round_)
-  return jax.random.fold_in(key, batch_index)
-
-
-def _graded(texts, answers, reward_fn):
-  t = time.perf_counter()
-  return reward_fn(texts, answers), time.perf_counter() - t
-
-
-def _done(value) -> concurrent.futures.Future:
-  f = concurrent.futures.Future()
-  f.set_result(value)
-  return f
-
-
 def collect_groups(run: Run, params, step: int) -> Collected:
   """Prompt groups with n responses each and their rewards, the same way for GRPO, DAPO and overlap.
 
@@ -132,12 +116,12 @@ def collect_groups(run: Run, params, step: int) -> Collected:
     groups = groups_from_batch(batch, toks, mask, n)
     samples = list(zip(repeat_answers(batch.problems, n), answers, texts))
     if background:
-      return Collected(groups, run.grader.submit(_graded, texts, answers, run.reward_fn), True, samples, 1,
+      return Collected(groups, run.grader.submit(graded, texts, answers, run.reward_fn), True, samples, 1,
                        seconds_gen, batch.stats)
-    rewards, seconds = _graded(texts, answers, run.reward_fn)
+    rewards, seconds = graded(texts, answers, run.reward_fn)
     seconds_grade += seconds
     if dapo is None:
-      return Collected(groups, _done((rewards, seconds)), False, samples, 1, seconds_gen, batch.stats)
+      return Collected(groups, done_future((rewards, seconds)), False, samples, 1, seconds_gen, batch.stats)
     per_group = [(g, {k: v[i * n:(i + 1) * n] for k, v in rewards.items()}, samples[i * n:(i + 1) * n])
                  for i, g in enumerate(groups)]
     dapo.add(per_group, adv_lib.keep_groups(rewards["accuracy"].reshape(-1, n), c.algo.dapo_acc_low,
@@ -146,7 +130,7 @@ def collect_groups(run: Run, params, step: int) -> Collected:
       break
   kept = dapo.result()
   rewards = {k: np.concatenate([r[k] for _, r, _ in kept]) for k in kept[0][1]}
-  return Collected([g for g, _, _ in kept], _done((rewards, seconds_grade)), False,
+  return Collected([g for g, _, _ in kept], done_future((rewards, seconds_grade)), False,
                    [s for _, _, ss in kept for s in ss], dapo.rounds, seconds_gen, batch.stats)
 
 

@@ -2,7 +2,6 @@
 
 import types
 
-import jax
 import numpy as np
 from flax import nnx
 

@@ -14,7 +14,6 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
-import numpy as np
 
 from papo_jax.data import images as images_lib
 from papo_jax.data import masking

@@ -22,7 +22,7 @@ import concurrent.futures
 import dataclasses
 import queue
 import threading
-from typing import Any, Optional
+from typing import Optional
 
 from absl import logging
 import grain
