@@ -79,7 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = dict(lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0, mini_batches=3,
                  micro_batches=8, logprob_chunk=512)
   c.train = dict(steps=202, seed=0, warmup_sft_steps=0, warmup_lr=0.0)
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # rules: ((logical axis, mesh axis | tuple of axes | None), ...) replacing or adding entries of
+  # parallel.DEFAULT_RULES (e.g. (("batch", ("data",)),)); () = the default rules.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=())
   c.checkpoint = dict(every=10, keep=3, dir="")   # dir: "" = <workdir>/checkpoints; gs:// URLs work
   # samples_every: every that many steps, samples_per_step sampled responses with their rewards go to
   # <workdir>/samples.jsonl and TensorBoard text (0: never).
@@ -165,6 +167,12 @@ def perception_terms(c: ml_collections.ConfigDict, step: int = 0, gamma_halvings
   return PerceptionTerms(gamma * lowered, scale * lowered if c.papo.gamma else 1.0, needs_masked_pass(c))
 
 
+def mesh_rules(c: ml_collections.ConfigDict):
+  """The logical-axis sharding rules of a run: ``parallel.DEFAULT_RULES`` with ``mesh.rules`` applied."""
+  from papo_jax.parallel import make_rules
+  return make_rules(c.mesh.rules)
+
+
 def step_config(c: ml_collections.ConfigDict):
   """The train step's static switches (loss constants, masked-path gradient, log-prob chunk) from a run config."""
   from papo_jax.rl.losses import LossConfig
@@ -248,6 +256,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   need(c.rollout.kv_budget_gb >= 0, "rollout.kv_budget_gb", f"{c.rollout.kv_budget_gb} < 0 (0 = free device memory)")
   need(c.rollout.top_p_candidates >= 0, "rollout.top_p_candidates",
        f"{c.rollout.top_p_candidates} < 0 (0 = sort the whole vocabulary)")
+  try:
+    mesh_rules(c)
+  except ValueError as e:
+    need(False, "mesh.rules", str(e))
   need(c.algo.name in ("grpo", "dapo"), "algo.name", f"{c.algo.name!r} is not grpo|dapo")
   need(c.algo.dapo_chunk >= 1, "algo.dapo_chunk", f"{c.algo.dapo_chunk} < 1")
   need(c.algo.dapo_max_rounds >= 1, "algo.dapo_max_rounds", f"{c.algo.dapo_max_rounds} < 1")

@@ -97,6 +97,7 @@ def rollout_chunk_prompts(c, model_config, mesh, *, total_prompts: int) -> int:
   :func:`papo_jax.sampling.budget.rollout_chunk_prompts` from ``rollout.kv_budget_gb`` per
   chip, or (0 GB) from the free memory the devices report after the training state is
   placed (90% of it); 0 (no chunking) when they report none (CPU)."""
+  from papo_jax.config_base import mesh_rules
   from papo_jax.parallel import batch_shards
   from papo_jax.sampling import budget
   if c.rollout.chunk_prompts > 0:
@@ -110,7 +111,7 @@ def rollout_chunk_prompts(c, model_config, mesh, *, total_prompts: int) -> int:
     if not free:
       return 0
     per_chip = 0.9 * min(free)
-  shards = batch_shards(mesh)
+  shards = batch_shards(mesh, mesh_rules(c))
   patch = model_config.vision.patch_size
   return budget.rollout_chunk_prompts(
       model_config, n_samples=c.rollout.n, prompt_len=max(tuple(c.data.prompt_length_buckets) or
@@ -160,6 +161,7 @@ def make_validator(c, *, graphdef, sampling_cfg, mesh, processor, train_data_pat
   import dataclasses
 
   from papo_jax.data import pipeline, remote
+  from papo_jax.config_base import mesh_rules
   from papo_jax.parallel import GlobalBatches, use_mesh_rules
   from papo_jax.sampling import make_sampler
   val_cfg = pipeline.DataConfig(**{**c.data.to_dict(), "source": c.val.source or c.data.source,
@@ -168,7 +170,8 @@ def make_validator(c, *, graphdef, sampling_cfg, mesh, processor, train_data_pat
                                    "synthetic_seed": c.val.synthetic_seed})
   val_cfg.mask = dataclasses.replace(val_cfg.mask, enabled=False)
   val_it = GlobalBatches(pipeline.make_iterator(val_cfg, processor=processor), processor.pad_token_id)
-  sampler = make_sampler(graphdef, dataclasses.replace(sampling_cfg, greedy=True), c.rollout, mesh)
+  rules = mesh_rules(c)
+  sampler = make_sampler(graphdef, dataclasses.replace(sampling_cfg, greedy=True), c.rollout, mesh, rules)
   start = val_it.get_state()
 
   def validate(params, step: int) -> dict:
@@ -178,7 +181,7 @@ def make_validator(c, *, graphdef, sampling_cfg, mesh, processor, train_data_pat
     val_it.set_state(start)
     scores = []
     for _ in range(c.val.batches):
-      with use_mesh_rules(mesh):
+      with use_mesh_rules(mesh, rules):
         scores.append(score_prompt_batch(sampler, params, next(val_it), k=1, key=0, reward_fn=reward_fn,
                                          tokenizer=processor.tokenizer, stop_ids=stop_ids)[1])
     out = {f"val/{k}": float(np.concatenate([s[k] for s in scores]).mean()) for k in scores[0]}

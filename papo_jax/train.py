@@ -33,7 +33,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from papo_jax import metrics as metrics_lib
-from papo_jax.config_base import ConfigError, optimizer, perception_terms, step_config, validate_config
+from papo_jax.config_base import ConfigError, mesh_rules, optimizer, perception_terms, step_config, validate_config
 from papo_jax.parallel import (GlobalBatches, batch_shards, first_process_then_sync, global_train_arrays,
                                pinned_shardings, start_distributed, to_host, use_mesh_rules)
 from papo_jax.rollouts import (done_future, graded, groups_from_batch, make_validator, repeat_answers,
@@ -64,6 +64,7 @@ class Run:
   grader: concurrent.futures.ThreadPoolExecutor
   train_step: Any
   logprob_pass: Any | None     # several mini-batches: old/masked/ref log-probs before the first update
+  rules: tuple                  # logical-axis sharding rules (config_base.mesh_rules)
   stop_ids: tuple
   pad_id: int
   rollout_chunk: int = 0        # prompts per generate call (0: the whole batch); rollouts.rollout_chunk_prompts
@@ -107,7 +108,7 @@ def collect_groups(run: Run, params, step: int) -> Collected:
     if batch.num_images:
       models.check_image_patches(batch.image_grid_thw, run.model_config.max_image_patches)
     t = time.perf_counter()
-    with use_mesh_rules(run.mesh):
+    with use_mesh_rules(run.mesh, run.rules):
       toks, mask, texts = sample_texts(run.sampler, params, batch, n=n, key=rollout_key(
           c.train.seed, step, round_, int(batch.stats.get("batch_index", 0))), tokenizer=run.tokenizer,
           stop_ids=run.stop_ids, chunk_prompts=run.rollout_chunk)
@@ -148,10 +149,10 @@ def update(run: Run, state, ref_params, col: Collected, gamma: float, entropy_sc
   timing, t0 = {"timing/generate": col.seconds_generating}, time.perf_counter()
   batch = TrainBatch(**global_train_arrays(
       batching.assemble_train_batch(col.groups, micro_batches=micro, pad_id=run.pad_id,
-                                     shards=batch_shards(run.mesh), pixel_dtype=c.model.dtype), run.mesh))
+                                     shards=batch_shards(run.mesh, run.rules), pixel_dtype=c.model.dtype), run.mesh))
   t_logp = time.perf_counter()
   if run.logprob_pass is not None:   # dispatched asynchronously: background grading finishes meanwhile
-    with use_mesh_rules(run.mesh):
+    with use_mesh_rules(run.mesh, run.rules):
       logps = run.logprob_pass(state.params, ref_params, batch)
   t_wait = time.perf_counter()
   rewards, timing["timing/reward"] = col.rewards.result()
@@ -166,7 +167,7 @@ def update(run: Run, state, ref_params, col: Collected, gamma: float, entropy_sc
     batch = batch.replace(old_logp=logps[0], mask_logp=logps[1], ref_logp=logps[2])
   g, s, per = jnp.float32(gamma), jnp.float32(entropy_scale), batch.input_ids.shape[0] // mini
   step_metrics = []
-  with use_mesh_rules(run.mesh):   # one optimizer update per mini-batch (micro-batches accumulate inside)
+  with use_mesh_rules(run.mesh, run.rules):   # one optimizer update per mini-batch (micro-batches accumulate inside)
     for j in range(mini):
       part = batch if mini == 1 else jax.tree.map(lambda a: a[j * per:(j + 1) * per], batch)
       state, m = run.train_step(state, ref_params if run.logprob_pass is None else None, part, g, s)
@@ -206,9 +207,9 @@ def setup(c, workdir: str, mesh):
     model_path = os.path.join(workdir, "model")
     first_process_then_sync(lambda: build_tiny_checkpoint(model_path, c.model.tiny, min_pixels=c.data.min_pixels,
                                                           max_pixels=c.data.max_pixels), "papo_tiny_checkpoint")
-  patch = models.load_config(model_path).vision.patch_size
+  patch, rules = models.load_config(model_path).vision.patch_size, mesh_rules(c)
   model = models.from_pretrained(model_path, dtype=c.model.dtype, param_dtype=c.model.param_dtype, mesh=mesh,
-                                 remat=c.model.remat, attention=c.model.attention,
+                                 rules=rules, remat=c.model.remat, attention=c.model.attention,
                                  attention_block=c.model.attention_block,
                                  max_image_patches=max_image_patches(c.data.max_pixels, patch))
   graphdef, params = nnx.split(model)
@@ -230,7 +231,7 @@ def setup(c, workdir: str, mesh):
   sampler = make_sampler(graphdef, SamplingConfig(
       max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature, top_p=c.rollout.top_p,
       top_k=c.rollout.top_k, cache_dtype=c.rollout.cache_dtype, stop_token_ids=stop_ids,
-      pad_token_id=mcfg.pad_token_id, top_p_candidates=c.rollout.top_p_candidates), c.rollout, mesh)
+      pad_token_id=mcfg.pad_token_id, top_p_candidates=c.rollout.top_p_candidates), c.rollout, mesh, rules)
   # Sized after the training state is on the devices: their free memory is the budget.
   chunk = rollout_chunk_prompts(c, mcfg, mesh, total_prompts=data_cfg.batch_size)
   if chunk:
@@ -240,7 +241,7 @@ def setup(c, workdir: str, mesh):
             grader=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reward"), train_step=train_step,
             logprob_pass=jax.jit(make_logprob_pass(graphdef, step_cfg)) if c.optim.mini_batches > 1 else None,
             stop_ids=stop_ids, pad_id=mcfg.pad_token_id if mcfg.pad_token_id is not None else 0,
-            rollout_chunk=chunk)
+            rules=rules, rollout_chunk=chunk)
   return run, state, state_sh, initial, data_cfg
 
 

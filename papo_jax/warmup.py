@@ -52,8 +52,8 @@ def format_warmup(c, run, state, mesh):
         rmask[k, :len(ids)] = 1
       groups.append(batching.Group(*parts[b], responses=resp, response_mask=rmask, advantages=np.zeros(n, np.float32)))
     arrays = batching.assemble_train_batch(groups, micro_batches=c.optim.micro_batches, pad_id=run.pad_id,
-                                           shards=batch_shards(mesh), pixel_dtype=c.model.dtype)
-    with use_mesh_rules(mesh):
+                                           shards=batch_shards(mesh, run.rules), pixel_dtype=c.model.dtype)
+    with use_mesh_rules(mesh, run.rules):
       sft_state, m = sft(sft_state, None, TrainBatch(**global_train_arrays(arrays, mesh)))
     if (i + 1) % 10 == 0 or i == 0:
       logging.info("format warm-up %d/%d: nll %.3f", i + 1, c.train.warmup_sft_steps, float(m["actor/entropy_ori"]))

@@ -17,7 +17,7 @@ def engine_config(rollout) -> EngineConfig:
                       prefill_chunk=rollout.prefill_chunk, prefill_lanes=rollout.prefill_lanes)
 
 
-def make_sampler(graphdef, cfg: SamplingConfig, rollout, mesh=None):
+def make_sampler(graphdef, cfg: SamplingConfig, rollout, mesh=None, rules=None):
   """``Sampler`` (static batch, the reference path) or ``ContinuousEngine`` (slots over a paged cache).
 
   Both take the trainer's parameters as they are and return the same ``Rollout``. The
@@ -32,4 +32,4 @@ def make_sampler(graphdef, cfg: SamplingConfig, rollout, mesh=None):
                       mesh.devices.size)
     else:
       return ContinuousEngine(graphdef, cfg, engine_config(rollout))
-  return Sampler(graphdef, cfg, mesh=mesh)
+  return Sampler(graphdef, cfg, mesh=mesh, rules=rules)
