@@ -43,13 +43,15 @@ def get_config(variant: str = "papo_g"):
   c.val.every = 10
   c.val.batches = 4
   c.val.batch_size = 64
-  c.rollout.n = 5
+  c.rollout.n = 8
   c.rollout.top_p = 1.0
   c.rollout.max_new_tokens = 12            # "<think></think>\\boxed{yellow}" + end is 12 tokens
   c.rollout.cache_dtype = "float32"
   c.reward.name = "synthetic"
   c.reward.num_workers = 1
-  c.optim.lr = 3e-3
+  # Adam's first step moves every parameter by ~lr (m/sqrt(v) = sign(g)): at 3e-3 the first
+  # RL update wiped out the warmed-up format (format reward 0.93 -> 0.09); 1e-3 keeps it.
+  c.optim.lr = 1e-3
   c.optim.mini_batches = 1
   c.optim.micro_batches = 1
   c.optim.logprob_chunk = 16
