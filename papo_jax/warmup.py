@@ -32,7 +32,9 @@ def format_warmup(c, run, state, mesh):
   sft = jax.jit(make_train_step(run.graphdef, tx, StepConfig(loss=LossConfig(eta_ori=1.0),
                                                              logprob_chunk=c.optim.logprob_chunk)),
                 out_shardings=(sft_sh, None))
-  t_max, n, eos = c.rollout.max_new_tokens, c.rollout.n, run.stop_ids[0]
+  # Two random answers per prompt are enough to teach a fixed format; rollout.n would cost
+  # n/2 times more on the CPU for nothing.
+  t_max, n, eos = c.rollout.max_new_tokens, min(2, c.rollout.n), run.stop_ids[0]
   for i in range(c.train.warmup_sft_steps):
     batch = next(run.it)
     for k, a in zip(batch.kinds, batch.answers):

@@ -11,8 +11,10 @@ background, with questions of five `kind`s:
   color          "What colour is the shape?"                     → "green"
 
 `color` (not among the default `KINDS`) is the demo task of configs/tiny.py: one large
-shape whose colour is the answer, so the question text is the same for every record and
-a model that ignores the image stays at chance (1 in 4); read the image and it is easy.
+shape whose colour is the answer, on a pale tint of that colour (so every patch, not only
+the shape's, carries the answer: a random tiny vision tower then separates the colours
+strongly at the answer position). The question text is the same for every record, so a
+model that ignores the image stays at chance (1 in 4); read the image and it is easy.
 
 Answers are canonical lowercase strings (a word or a small integer). `difficulty`
 (0, 1, 2, ...) raises the number of shapes, shrinks the size gaps and adds background
@@ -131,6 +133,8 @@ def make_example(index, seed=0, difficulty=1, image_size=56, kinds=KINDS):
   if difficulty >= 2:
     bg = rng.integers(200, 256, size=(image_size, image_size, 3), dtype=np.uint8)
     img = Image.fromarray(bg)
+  elif kind == "color":  # a pale tint of the shape's colour: every patch carries the answer
+    img = Image.new("RGB", (image_size, image_size), tuple(int(v) for v in (np.array(COLORS[objs[0][1]]) * 0.8 + 255 * 0.2)))
   else:
     img = Image.new("RGB", (image_size, image_size), (255, 255, 255))
   draw = ImageDraw.Draw(img)
