@@ -23,7 +23,8 @@ def test_notebook_executes_and_plots_both_runs(tmp_path, monkeypatch):
   assert (out / "papo_vs_grpo.png").stat().st_size > 10_000
   for variant in ("grpo", "papo_g"):
     rows = [json.loads(l) for l in open(out / variant / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]   # step 0: held-out scores before RL
+    assert "val/accuracy" in rows[0] and "reward/overall" not in rows[0]
     assert "val/accuracy" in rows[-1]
     assert ("actor/kl_prcp" in rows[-1]) == (variant == "papo_g")   # GRPO runs no masked pass
   text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
