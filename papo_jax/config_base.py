@@ -149,8 +149,10 @@ class PerceptionTerms(NamedTuple):
 
 
 def needs_masked_pass(c: ml_collections.ConfigDict) -> bool:
-  """The masked-image forward is needed by the perception KL (γ > 0) or the masked entropy (eta_mask)."""
-  return c.papo.gamma > 0 or c.papo.eta_mask != 0
+  """The masked-image forward is needed by the perception KL (γ) or the masked entropy (eta_mask):
+  the train step's own rule, so the data pipeline masks exactly when the step reads the copies."""
+  from papo_jax.rl.train_step import needs_masked_images
+  return needs_masked_images(c.papo.gamma, c.papo.eta_mask)
 
 
 def perception_terms(c: ml_collections.ConfigDict, step: int = 0, gamma_halvings: int = 0) -> PerceptionTerms:
