@@ -34,7 +34,7 @@ from ml_collections import config_flags
 
 from papo_jax import metrics as metrics_lib
 from papo_jax.config_base import ConfigError, mesh_rules, optimizer, perception_terms, step_config, validate_config
-from papo_jax.parallel import (GlobalBatches, batch_shards, first_process_then_sync, global_train_arrays,
+from papo_jax.parallel import (DEFAULT_RULES, GlobalBatches, batch_shards, first_process_then_sync, global_train_arrays,
                                pinned_shardings, start_distributed, to_host, use_mesh_rules)
 from papo_jax.rollouts import (done_future, graded, groups_from_batch, make_validator, repeat_answers,
                                rollout_chunk_prompts, rollout_key, sample_texts)
@@ -64,9 +64,9 @@ class Run:
   grader: concurrent.futures.ThreadPoolExecutor
   train_step: Any
   logprob_pass: Any | None     # several mini-batches: old/masked/ref log-probs before the first update
-  rules: tuple                  # logical-axis sharding rules (config_base.mesh_rules)
   stop_ids: tuple
   pad_id: int
+  rules: tuple = DEFAULT_RULES  # logical-axis sharding rules (config_base.mesh_rules)
   rollout_chunk: int = 0        # prompts per generate call (0: the whole batch); rollouts.rollout_chunk_prompts
 
   def close(self):
