@@ -13,6 +13,7 @@ from papo_jax import models  # noqa: E402
 from papo_jax.sampling import (FINISH_EOS, FINISH_LENGTH, ContinuousEngine, EngineConfig, PageAllocator,  # noqa: E402
                                Sampler, SamplingConfig, paged_attention_xla)
 from papo_jax.models.layers import softmax_attention  # noqa: E402
+from sampling_ref import exact_filtered_probs as _exact_filtered_probs  # noqa: E402
 
 T = 24
 NEVER = 64  # a stop id outside the vocabulary: greedy runs to T (transformers gets no eos at all)
@@ -176,24 +177,6 @@ def test_text_only_and_bad_config(tiny):
     ContinuousEngine(graphdef, cfg, EngineConfig(num_pages=4, page_size=4)).generate(state, ids, mask, n=1)
   with pytest.raises(ValueError, match="num_slots"):
     EngineConfig(num_slots=0)
-
-
-def _exact_filtered_probs(logits, temperature, top_k, top_p, banned):
-  """Independent numpy reference: temperature, top-k, top-p (smallest set with mass >= p), renormalise."""
-  x = logits.astype(np.float64) / temperature
-  x[list(banned)] = -np.inf
-  order = np.argsort(-x, kind="stable")
-  keep = np.zeros(len(x), bool)
-  k = len(x) if top_k <= 0 else top_k
-  keep[order[:k]] = True
-  p = np.where(keep, np.exp(x - x.max()), 0.0)
-  p /= p.sum()
-  cum = np.cumsum(p[order])
-  n_keep = int(np.searchsorted(cum, top_p - 1e-12) + 1) if top_p < 1 else len(x)
-  keep2 = np.zeros(len(x), bool)
-  keep2[order[:n_keep]] = True
-  p = np.where(keep2, p, 0.0)
-  return p / p.sum()
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [

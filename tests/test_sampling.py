@@ -13,6 +13,7 @@ from papo_jax import models  # noqa: E402
 from papo_jax.parallel import make_mesh, shard_state  # noqa: E402
 from papo_jax.sampling import (FINISH_EOS, FINISH_LENGTH, Sampler, SamplingConfig, filter_logits,  # noqa: E402
                                sample_tokens)
+from sampling_ref import exact_filtered_probs as _exact_filtered_probs  # noqa: E402
 
 T = 40
 NEVER = 3   # a stop id greedy never emits on this model/batch (asserted below)
@@ -131,24 +132,6 @@ def test_logprobs_match_full_forward(tiny):
   # the n samples of a prompt share its prompt and differ in their draws
   np.testing.assert_array_equal(np.asarray(ro.prompt_ids_RxLp), np.repeat(ids, n, 0))
   assert (tok[0] != tok[1]).any()
-
-
-def _exact_filtered_probs(logits, temperature, top_k, top_p, banned):
-  """Independent numpy reference: temperature, top-k, top-p (smallest set with mass >= p), renormalise."""
-  x = logits.astype(np.float64) / temperature
-  x[list(banned)] = -np.inf
-  order = np.argsort(-x, kind="stable")
-  keep = np.zeros(len(x), bool)
-  k = len(x) if top_k <= 0 else top_k
-  keep[order[:k]] = True
-  p = np.where(keep, np.exp(x - x.max()), 0.0)
-  p /= p.sum()
-  cum = np.cumsum(p[order])
-  n_keep = int(np.searchsorted(cum, top_p - 1e-12) + 1) if top_p < 1 else len(x)
-  keep2 = np.zeros(len(x), bool)
-  keep2[order[:n_keep]] = True
-  p = np.where(keep2, p, 0.0)
-  return p / p.sum()
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 6, 0.7)])
