@@ -106,7 +106,8 @@ def rollout_chunk_prompts(c, model_config, mesh, *, total_prompts: int) -> int:
     per_chip = c.rollout.kv_budget_gb * 2**30
   else:
     free = [s["bytes_limit"] - s["bytes_in_use"] for s in
-            (d.memory_stats() or {} for d in (mesh.devices.flat if mesh is not None else jax.local_devices()))
+            (d.memory_stats() or {} for d in (mesh.devices.flat if mesh is not None else jax.local_devices())
+             if d.process_index == jax.process_index())   # only this host's devices report memory
             if "bytes_limit" in s and "bytes_in_use" in s]
     if not free:
       return 0
