@@ -4,7 +4,10 @@
         --config.model.path=/ckpt/Qwen2.5-VL-3B-Instruct --config.data.path=/data/ViRL39K/train.parquet
 
 Variants (papo.md §2): papo_g (default: gamma 0.02, ref KL 0.01, no entropy terms), grpo,
-papo_g_no_ref_kl (gamma 0.01, eta 0.03/0.03), dapo, papo_d (gamma 0.01, eta 0.03/0.03).
+papo_g_no_ref_kl (gamma 0.01, eta 0.03/0.03), dapo, papo_d (gamma 0.01, eta 0.03/0.03);
+noisy_rollout and papo_noisy: grpo and papo_g with NoisyRollout (config_base.NOISY_ROLLOUT: groups of
+rollout.n = 12, 6 on the clean image and 6 on a diffusion-noised one, noise step 500 annealed by a sigmoid;
+384 x 12 rollouts a step in 48 micro-batches of 32 rows, no more than the 40 of the others).
 Hardware: the paper used 2 x H100-80G. TPU (docs/tpu.md; check with
 ``python -m papo_jax.aot --config=configs/qwen25vl_3b.py --topology=v5e:2x4``): the smallest
 slice is v5e-8 by the arithmetic of docs/tpu.md (the tool's full compile is still to be run):

@@ -4,7 +4,9 @@
         --config.model.path=/ckpt/Qwen2.5-VL-7B-Instruct --config.data.path=/data/ViRL39K/train.parquet
 
 Variants: papo_g (default: gamma 0.02, ref KL 0.01, double entropy eta 0.05/0.05), grpo,
-papo_g_no_ref_kl, dapo, papo_d. Hardware: the paper used 4 x H100-80G. TPU (docs/tpu.md): the
+papo_g_no_ref_kl, dapo, papo_d; noisy_rollout and papo_noisy (grpo and papo_g, double entropy included,
+with NoisyRollout: 6 clean + 6 noisy rollouts a prompt, config_base.NOISY_ROLLOUT; 96 micro-batches keep
+16 rows each). Hardware: the paper used 4 x H100-80G. TPU (docs/tpu.md): the
 smallest slice is v5p-8 (4 chips x 95 GiB, by the arithmetic of docs/tpu.md; the full compile,
 ``python -m papo_jax.aot --config=configs/qwen25vl_7b.py --topology=v5p:2x2x1``, is still to be run): FSDP over 4 chips holds 35 GiB per chip of fp32 parameters, AdamW moments, gradients
 and the bf16 reference; it needs model.remat=True and optim.micro_batches=32 or more (20 rows
@@ -18,6 +20,6 @@ from papo_jax.config_base import paper_config
 
 def get_config(variant: str = "papo_g"):
   c = paper_config(variant, micro_batches=32)
-  if variant == "papo_g":
+  if variant in ("papo_g", "papo_noisy"):
     c.papo.eta_ori = c.papo.eta_mask = 0.05   # PAPO-G 7B uses double entropy
   return c

@@ -3,7 +3,8 @@ r"""Qwen3-VL-2B-Instruct with PAPO-G on ViRL39K.
     python -m papo_jax.train --config=configs/qwen3vl_2b.py:papo_g --workdir=gs://BUCKET/papo_g_q3vl2b \
         --config.model.path=/ckpt/Qwen3-VL-2B-Instruct --config.data.path=/data/ViRL39K/train.parquet
 
-Variants (papo.md §2): papo_g (default: gamma 0.01, ref KL 0.01, no entropy terms), grpo.
+Variants (papo.md §2): papo_g (default: gamma 0.01, ref KL 0.01, no entropy terms), grpo; with
+NoisyRollout (config_base.NOISY_ROLLOUT) noisy_rollout and papo_noisy (its gamma 0.01 too).
 Expected (avg@8 over 8 benchmarks, papo.md §7): GRPO 46.84 -> PAPO-G 49.30. Unlike the
 authors' Qwen3-VL branch, the perception KL really reaches the gradient here
 (tests/test_models_qwen3_vl.py). Hardware: none is published for this run; 2.13 B parameters
@@ -24,6 +25,6 @@ from papo_jax.config_base import paper_config
 
 def get_config(variant: str = "papo_g"):
   c = paper_config(variant, micro_batches=16)
-  if variant == "papo_g":
+  if variant in ("papo_g", "papo_noisy"):
     c.papo.gamma = 0.01
   return c

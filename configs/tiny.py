@@ -8,7 +8,8 @@ the shape?" (one large red/green/blue/yellow shape on a pale tint of its colour,
 changes, so a model that ignores the image stays at chance (1 in 4). A short supervised
 warm-up teaches the answer format with *random* colours (so RL starts at chance accuracy);
 RL must then learn to read the image. Held-out accuracy: 256 unseen images, greedy.
-Variants: papo_g (default), grpo, papo_g_no_ref_kl, dapo, papo_d; a ``qwen3_`` prefix (or just
+Variants: papo_g (default), grpo, papo_g_no_ref_kl, dapo, papo_d, noisy_rollout and papo_noisy
+(GRPO / PAPO-G with NoisyRollout: 4 of each prompt's 8 rollouts on a noisy image); a ``qwen3_`` prefix (or just
 ``qwen3``, i.e. qwen3_papo_g) swaps in a tiny random Qwen3-VL (DeepStack, interleaved MRoPE,
 qk-norm; patch 16, so the 112 px synthetic images are resized to 128 px = 16 image tokens):
 
@@ -65,6 +66,8 @@ def get_config(variant: str = "papo_g"):
   if family == "qwen3_vl":   # factor 32: 128 x 128 px, the same 16 image tokens per image as 112 x 112 at factor 28
     c.data.min_pixels = c.data.max_pixels = 128 * 128
   apply_variant(c, variant)
+  if c.noisy.enabled:   # NoisyRollout's half-and-half split at the tiny demo's group size
+    c.rollout.n, c.noisy.rollouts = 8, 4
   # Tiny-model scale: a stronger perception push than the paper's 7B/3B values.
   if c.papo.gamma:
     c.papo.gamma = 0.02

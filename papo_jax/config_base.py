@@ -18,9 +18,18 @@ VARIANTS = {
     "grpo": dict(algo="grpo", eps_high=0.3, beta=0.01, gamma=0.0, eta=0.0, dynamic=False),
     "papo_g": dict(algo="grpo", eps_high=0.3, beta=0.01, gamma=0.02, eta=0.0, dynamic=False),
     "papo_g_no_ref_kl": dict(algo="grpo", eps_high=0.3, beta=0.0, gamma=0.01, eta=0.03, dynamic=False),
+    # NoisyRollout on GRPO / PAPO-G: the constants above plus NOISY_ROLLOUT (rollout.n and the noisy group).
+    "noisy_rollout": dict(algo="grpo", eps_high=0.3, beta=0.01, gamma=0.0, eta=0.0, dynamic=False, noisy=True),
+    "papo_noisy": dict(algo="grpo", eps_high=0.3, beta=0.01, gamma=0.02, eta=0.0, dynamic=False, noisy=True),
     "dapo": dict(algo="dapo", eps_high=0.28, beta=0.0, gamma=0.0, eta=0.0, dynamic=True),
     "papo_d": dict(algo="dapo", eps_high=0.28, beta=0.0, gamma=0.01, eta=0.03, dynamic=True),
 }
+
+# NoisyRollout's released scripts (John-AI-Lab/NoisyRollout, training_scripts/qwen2_5_vl_7b_geo3k_noisyrollout.sh):
+# rollout.n=6 on the clean image plus 6 on the noisy one, one advantage group of 12 (their GRPO baseline samples
+# n=12); gaussian_noise_step 500, decay_mode sigmoid, decay_coef 30, decay_sig_mid_step 40. Their K12 script:
+# strength 450, decay_coef 60 (--config.noisy.strength=450 --config.noisy.decay_coef=60).
+NOISY_ROLLOUT = dict(n=12, rollouts=6, strength=500, decay_mode="sigmoid", decay_coef=30.0, mid_step=40.0)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -67,6 +76,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.kv_pages = 4096
   c.rollout.prefill_chunk = 512
   c.rollout.prefill_lanes = 1
+  # NoisyRollout (papo_jax/data/noise.py): of each prompt's rollout.n rollouts, the last `rollouts` are sampled
+  # on its images distorted by diffusion noise at step int(strength * decay(step)) (decay_mode sigmoid |
+  # linear | pow | exp | none, with decay_coef and mid_step), the others on the clean images. rollout.n stays
+  # the group size everywhere (one advantage baseline over the mixed group); the update (old, reference and
+  # masked log-probs, the loss) sees the clean images only.
+  c.noisy = dict(enabled=False, rollouts=0, strength=500, decay_mode="sigmoid", decay_coef=30.0, mid_step=40.0)
   c.algo = dict(name="grpo", eps_low=0.2, eps_high=0.3, dual_clip=3.0, beta=0.01, agg="token",
                 dynamic_sampling=False, dapo_acc_low=0.01, dapo_acc_high=0.99, dapo_chunk=128,
                 dapo_max_rounds=20)
@@ -119,14 +134,23 @@ def paper_config(variant: str, *, micro_batches: int) -> ml_collections.ConfigDi
   # the chunk; 0 sizes it from kv_budget_gb per chip (0 = HBM left beside the training state).
   c.rollout.chunk_prompts = 0
   c.rollout.kv_budget_gb = 0.0
-  return apply_variant(c, variant)
+  apply_variant(c, variant)
+  if c.noisy.enabled:   # 12 rollouts a prompt, not 5: more micro-batches, none with more rows than before
+    rows, mini = c.data.batch_size * c.rollout.n, c.optim.mini_batches
+    per = c.data.batch_size * 5 // (mini * micro_batches)
+    c.optim.micro_batches = next(m for m in range(micro_batches, rows + 1)
+                                 if rows % (mini * m) == 0 and rows // (mini * m) <= per)
+  return c
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
-  """Sets the paper's constants for one of grpo | papo_g | papo_g_no_ref_kl | dapo | papo_d."""
+  """Sets the paper's constants for one of VARIANTS (grpo | papo_g | papo_g_no_ref_kl | dapo | papo_d, and
+  noisy_rollout | papo_noisy: GRPO | PAPO-G with NoisyRollout)."""
   if variant not in VARIANTS:
     raise ValueError(f"config variant {variant!r} is not one of {sorted(VARIANTS)}")
   v = VARIANTS[variant]
+  if v.get("noisy"):
+    apply_noisy_rollout(c)
   c.algo.name = v["algo"]
   c.algo.eps_high = v["eps_high"]
   c.algo.beta = v["beta"]
@@ -135,6 +159,20 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
   c.papo.eta_ori = c.papo.eta_mask = v["eta"]
   c.data.mask.enabled = needs_masked_pass(c)
   return c
+
+
+def apply_noisy_rollout(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """NoisyRollout with its released values (NOISY_ROLLOUT): rollout.n = 12, the last 6 on the noisy image."""
+  c.rollout.n = NOISY_ROLLOUT["n"]
+  c.noisy.enabled = True
+  for k in ("rollouts", "strength", "decay_mode", "decay_coef", "mid_step"):
+    c.noisy[k] = NOISY_ROLLOUT[k]
+  return c
+
+
+def noisy_rollouts(c: ml_collections.ConfigDict) -> int:
+  """How many of each prompt's rollout.n rollouts see the distorted image (0: NoisyRollout off)."""
+  return int(c.noisy.rollouts) if "noisy" in c and c.noisy.enabled else 0
 
 
 # ============================================================================================
@@ -262,6 +300,15 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     mesh_rules(c)
   except ValueError as e:
     need(False, "mesh.rules", str(e))
+  if c.noisy.enabled:
+    from papo_jax.data import noise
+    need(1 <= c.noisy.rollouts < c.rollout.n, "noisy.rollouts",
+         f"{c.noisy.rollouts} must be in [1, rollout.n - 1 = {c.rollout.n - 1}]: each group needs clean and "
+         "noisy rollouts (rollout.n is the whole group)")
+    need(0 <= c.noisy.strength < noise.NUM_STEPS, "noisy.strength",
+         f"{c.noisy.strength} is not a diffusion step in [0, {noise.NUM_STEPS - 1}]")
+    need(c.noisy.decay_mode in noise.DECAY_MODES, "noisy.decay_mode",
+         f"{c.noisy.decay_mode!r} is not one of {'|'.join(noise.DECAY_MODES)}")
   need(c.algo.name in ("grpo", "dapo"), "algo.name", f"{c.algo.name!r} is not grpo|dapo")
   need(c.algo.dapo_chunk >= 1, "algo.dapo_chunk", f"{c.algo.dapo_chunk} < 1")
   need(c.algo.dapo_max_rounds >= 1, "algo.dapo_max_rounds", f"{c.algo.dapo_max_rounds} < 1")

@@ -56,17 +56,37 @@ def data_metrics(stats: dict) -> dict[str, float]:
   return out
 
 
+def noisy_metrics(rewards: dict[str, np.ndarray], c, stats: dict) -> dict[str, float]:
+  """NoisyRollout: noisy/reward_clean|noisy and noisy/accuracy_clean|noisy, the mean over the step's kept
+  rollouts on the clean / distorted images (each group of rollout.n: clean rows, then noisy.rollouts noisy
+  rows), and noisy/strength, the diffusion step of the step's (last) prompt batch. {} when off."""
+  from papo_jax.config_base import noisy_rollouts
+  from papo_jax.data.noise import rollout_split
+  k = noisy_rollouts(c)
+  if not k:
+    return {}
+  noisy_R = rollout_split(len(rewards["overall"]) // c.rollout.n, c.rollout.n - k, k)
+  out = {f"noisy/{name}_{side}": float(np.asarray(rewards[key])[rows].mean())
+         for name, key in (("reward", "overall"), ("accuracy", "accuracy"))
+         for side, rows in (("clean", ~noisy_R), ("noisy", noisy_R))}
+  if "noise_strength" in stats:
+    out["noisy/strength"] = float(stats["noise_strength"])
+  return out
+
+
 def throughput(tokens: float, seconds: float) -> dict[str, float]:
   return {"throughput/tokens_per_s_per_device": tokens / seconds / jax.device_count()}
 
 
 def step_row(step_metrics: list[dict], rewards: dict, groups: list, extra: dict, stats: dict, c, gamma: float,
              seconds: float) -> dict:
-  """The metrics row of one RL step: train-step means, rollouts, data, ``extra`` (timings, DAPO rounds)."""
+  """The metrics row of one RL step: train-step means, rollouts, NoisyRollout's split, data, ``extra``
+  (timings, DAPO rounds)."""
   lengths = np.concatenate([g.response_mask.sum(-1) for g in groups])
   tokens = float(sum(g.response_mask.sum() + g.prompt_mask.sum() * g.responses.shape[0] for g in groups))
   return {**mean_over_updates(step_metrics), **rollout_metrics(rewards, lengths, c.rollout.max_new_tokens),
-          "actor/lr": float(c.optim.lr), "actor/gamma": float(gamma), **data_metrics(stats),
+          **noisy_metrics(rewards, c, stats), "actor/lr": float(c.optim.lr), "actor/gamma": float(gamma),
+          **data_metrics(stats),
           **{k: float(v) for k, v in extra.items()}, "timing/step": seconds, **throughput(tokens, seconds)}
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import time
+import types
 
 import jax
 import numpy as np
@@ -57,6 +59,84 @@ def sample_texts(sampler, params, batch, *, n: int, key, tokenizer, stop_ids, ch
     mask.append(m)
   toks, mask = (toks[0], mask[0]) if len(chunks) == 1 else (np.concatenate(toks), np.concatenate(mask))
   return toks, mask, decode_responses(tokenizer, toks, mask, stop_ids)
+
+
+def sample_group_texts(sampler, params, batch, *, n: int, n_noisy: int = 0, key, tokenizer, stop_ids,
+                       chunk_prompts: int = 0):
+  """n responses per prompt in groups of n, like :func:`sample_texts`; with NoisyRollout (``n_noisy`` > 0) each
+  group is the prompt's ``n - n_noisy`` responses on its clean images, then ``n_noisy`` on its distorted images
+  (``batch.noisy_pixel_values``).
+
+  Equal counts: one generate call over 2B prompts (the clean copies, then the noisy ones) with ``key``;
+  otherwise two calls, the clean prompts with ``fold_in(key, 0)`` and the noisy ones with
+  ``fold_in(key, 1)``. Every sequence draws from its own key either way. Each call is chunked by
+  ``chunk_prompts`` as :func:`sample_texts` (chunks are sized for n samples a prompt; these calls
+  draw fewer). Returns (tokens [R, T], mask [R, T], texts [R]), R = B * n, prompt-major.
+  """
+  if n_noisy == 0:
+    return sample_texts(sampler, params, batch, n=n, key=key, tokenizer=tokenizer, stop_ids=stop_ids,
+                        chunk_prompts=chunk_prompts)
+  n_clean = n - n_noisy
+  if not 1 <= n_noisy < n:
+    raise ValueError(f"sample_group_texts: n_noisy={n_noisy} must be in [1, n - 1] with n={n}")
+  if batch.num_images and getattr(batch, "noisy_pixel_values", None) is None:
+    raise ValueError("sample_group_texts: n_noisy > 0 but the prompt batch has no noisy_pixel_values "
+                     "(the data pipeline's noise config is off)")
+  b = batch.input_ids.shape[0]
+  key = jax.random.key(key) if isinstance(key, int) else key
+  kw = dict(tokenizer=tokenizer, stop_ids=stop_ids, chunk_prompts=chunk_prompts)
+  if n_clean == n_noisy:
+    parts = [sample_texts(sampler, params, clean_and_noisy_prompts(batch), n=n_clean, key=key, **kw)]
+  else:
+    parts = [sample_texts(sampler, params, batch, n=n_clean, key=jax.random.fold_in(key, 0), **kw),
+             sample_texts(sampler, params, noisy_view(batch), n=n_noisy, key=jax.random.fold_in(key, 1), **kw)]
+  t = max(p[0].shape[1] for p in parts)
+  widen = lambda a: np.pad(a, ((0, 0), (0, t - a.shape[1])))
+  toks = np.concatenate([widen(p[0]) for p in parts])
+  mask = np.concatenate([widen(p[1]) for p in parts])
+  texts = [x for p in parts for x in p[2]]
+  order = group_order(b, n_clean, n_noisy)
+  return toks[order], mask[order], [texts[i] for i in order]
+
+
+def group_order(num_prompts: int, n_clean: int, n_noisy: int) -> np.ndarray:
+  """[B * (n_clean + n_noisy)] row indices into [all clean rows (prompt-major) ; all noisy rows] giving
+  each prompt's group [its clean rows..., its noisy rows...] (``data.noise.rollout_split``'s layout)."""
+  p = np.arange(num_prompts)[:, None]
+  clean = p * n_clean + np.arange(n_clean)[None]
+  noisy = num_prompts * n_clean + p * n_noisy + np.arange(n_noisy)[None]
+  return np.concatenate([clean, noisy], axis=1).reshape(-1)
+
+
+def noisy_view(batch):
+  """The batch's prompts on their distorted images: a shallow copy with pixel_values = noisy_pixel_values."""
+  view = copy.copy(batch)
+  view.pixel_values = batch.noisy_pixel_values
+  return view
+
+
+def clean_and_noisy_prompts(batch):
+  """2B prompts for one generate call: the B prompts on their clean images, then the same B on the noisy.
+
+  The pixel and grid rows of both copies are packed first and keep the batch's padding twice, so the
+  shapes stay within twice the buckets.
+  """
+  pv, grid = batch_images(batch)
+  ids = np.concatenate([batch.input_ids, batch.input_ids])
+  am = np.concatenate([batch.attention_mask, batch.attention_mask])
+  counts = np.concatenate([batch.image_counts, batch.image_counts])
+  if pv is None:
+    return types.SimpleNamespace(input_ids=ids, attention_mask=am, pixel_values=None, image_grid_thw=None,
+                                 image_counts=counts, num_images=0)
+  pv, npv, grid = np.asarray(pv), np.asarray(batch.noisy_pixel_values), np.asarray(grid)
+  n_img = int(batch.num_images)
+  n_patch = int(grid[:n_img].astype(np.int64).prod(-1).sum())
+  pv2 = np.zeros((2 * pv.shape[0],) + pv.shape[1:], pv.dtype)
+  pv2[:n_patch], pv2[n_patch:2 * n_patch] = pv[:n_patch], npv[:n_patch]
+  grid2 = np.zeros((2 * grid.shape[0], 3), grid.dtype)
+  grid2[:n_img], grid2[n_img:2 * n_img] = grid[:n_img], grid[:n_img]
+  return types.SimpleNamespace(input_ids=ids, attention_mask=am, pixel_values=pv2, image_grid_thw=grid2,
+                               image_counts=counts, num_images=2 * n_img)
 
 
 def prompt_chunks(batch, chunk_prompts: int, *, patch_multiple: int = 64, image_multiple: int = 4) -> list[tuple]:

@@ -37,7 +37,7 @@ from papo_jax.config_base import ConfigError, mesh_rules, optimizer, perception_
 from papo_jax.parallel import (DEFAULT_RULES, GlobalBatches, batch_shards, first_process_then_sync, global_train_arrays,
                                pinned_shardings, start_distributed, to_host, use_mesh_rules)
 from papo_jax.rollouts import (done_future, graded, groups_from_batch, make_validator, repeat_answers,
-                               rollout_chunk_prompts, rollout_key, sample_texts)
+                               rollout_chunk_prompts, rollout_key, sample_group_texts)
 
 FLAGS = flags.FLAGS
 
@@ -96,10 +96,13 @@ def collect_groups(run: Run, params, step: int) -> Collected:
   GRPO with several mini-batches and ``reward.overlap`` grades in the background (the
   log-prob pass needs only the tokens); DAPO grades each chunk at once to keep the
   groups whose accuracy is neither all 0 nor all 1, until ``data.batch_size`` survive.
+  NoisyRollout: the last ``noisy.rollouts`` responses of each group are sampled on the
+  prompt's distorted images; the groups (hence the update) carry the clean images only.
   """
   from papo_jax import models
+  from papo_jax.config_base import noisy_rollouts
   from papo_jax.rl import advantages as adv_lib
-  c, n = run.c, run.c.rollout.n
+  c, n, n_noisy = run.c, run.c.rollout.n, noisy_rollouts(run.c)
   dapo = adv_lib.DynamicSampler(c.data.batch_size, c.algo.dapo_max_rounds) if c.algo.dynamic_sampling else None
   background = c.reward.overlap and dapo is None and c.optim.mini_batches > 1
   seconds_gen = seconds_grade = 0.0
@@ -109,7 +112,7 @@ def collect_groups(run: Run, params, step: int) -> Collected:
       models.check_image_patches(batch.image_grid_thw, run.model_config.max_image_patches)
     t = time.perf_counter()
     with use_mesh_rules(run.mesh, run.rules):
-      toks, mask, texts = sample_texts(run.sampler, params, batch, n=n, key=rollout_key(
+      toks, mask, texts = sample_group_texts(run.sampler, params, batch, n=n, n_noisy=n_noisy, key=rollout_key(
           c.train.seed, step, round_, int(batch.stats.get("batch_index", 0))), tokenizer=run.tokenizer,
           stop_ids=run.stop_ids, chunk_prompts=run.rollout_chunk)
     seconds_gen += time.perf_counter() - t
@@ -182,11 +185,17 @@ def update(run: Run, state, ref_params, col: Collected, gamma: float, entropy_sc
 # ============================================================================================
 
 def train_data_config(c):
-  """The training prompts: masked copies when the step needs them; DAPO reads ``algo.dapo_chunk``
+  """The training prompts: masked copies when the step needs them, distorted copies for NoisyRollout
+  (their strength follows the RL step: ``data.noise.batch_step``); DAPO reads ``algo.dapo_chunk``
   prompts per batch and refills until ``data.batch_size`` groups survive (papo.md §4)."""
-  from papo_jax.data import pipeline, remote
+  from papo_jax.config_base import noisy_rollouts
+  from papo_jax.data import noise, pipeline, remote
   cfg = pipeline.DataConfig(**{**c.data.to_dict(), "path": remote.localize(c.data.path) if c.data.path else ""})
   cfg.mask = dataclasses.replace(cfg.mask, enabled=perception_terms(c).needs_mask)
+  cfg.noise = noise.NoiseConfig(enabled=noisy_rollouts(c) > 0, strength=c.noisy.strength,
+                                decay_mode=c.noisy.decay_mode, decay_coef=c.noisy.decay_coef, mid_step=c.noisy.mid_step,
+                                total_steps=c.train.steps, prompts_per_step=c.data.batch_size,
+                                warmup_batches=c.train.warmup_sft_steps)   # warmup.format_warmup reads as many
   if c.algo.dynamic_sampling:
     cfg.batch_size = min(c.algo.dapo_chunk, c.data.batch_size)
   return cfg

@@ -50,3 +50,34 @@ def test_paper_constants(run):
 def test_unknown_variant_is_an_error():
   with pytest.raises(ValueError, match="papo_x"):
     load("qwen25vl_3b", "papo_x")
+
+
+# NoisyRollout's released scripts (John-AI-Lab/NoisyRollout, training_scripts/*_noisyrollout.sh, Geometry3K):
+# worker.rollout.n=6 clean + 6 noisy, gaussian_noise_step=500, decay_mode=sigmoid, decay_coef=30,
+# decay_sig_mid_step=40.
+NOISY = dict(enabled=True, rollouts=6, strength=500, decay_mode="sigmoid", decay_coef=30.0, mid_step=40.0)
+
+
+@pytest.mark.parametrize("name", ["qwen25vl_3b", "qwen25vl_7b"])
+@pytest.mark.parametrize("variant,base", [("noisy_rollout", "grpo"), ("papo_noisy", "papo_g")])
+def test_noisy_variants_are_their_base_plus_noisyrollouts_values(name, variant, base):
+  from papo_jax.config_base import validate_config
+  c, ref = load(name, variant), load(name, base)
+  assert c.noisy.to_dict() == NOISY and not ref.noisy.enabled
+  assert c.rollout.n == 12   # one group: 6 clean + 6 noisy rollouts
+  # Everything else is the base variant's (papo.md §2), except how many micro-batches hold the 12 rollouts:
+  # never more rows per micro-batch than the base run.
+  rows = lambda x: x.data.batch_size * x.rollout.n // (x.optim.mini_batches * x.optim.micro_batches)
+  assert rows(c) <= rows(ref) and rows(c) * c.optim.mini_batches * c.optim.micro_batches == 384 * 12
+  for group in ref:
+    if group not in ("noisy",):
+      want = ref[group].to_dict()
+      got = c[group].to_dict()
+      if group == "rollout":
+        want.pop("n"), got.pop("n")
+      if group == "optim":
+        want.pop("micro_batches"), got.pop("micro_batches")
+      assert got == want, group
+  c.model.init = "tiny_random"   # no checkpoint here; everything else as configured
+  c.data.source, c.data.path = "synthetic", ""
+  validate_config(c)

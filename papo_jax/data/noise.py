@@ -13,19 +13,49 @@ NUS-TRAIL/NoisyRollout):
 Values of their released scripts (`training_scripts/qwen2_5_vl_7b_*_noisyrollout.sh`):
 aug_type=gaussian, decay_mode=sigmoid, decay_sig_mid_step=40, gaussian_noise_step 500
 (Geometry3K, decay_coef 30) or 450 (K12, decay_coef 60), rollout.n=6.
+
+In the data pipeline (`noisy_pixel_values`, `batch_strength`): each prompt's distorted
+pixels are made next to its masked copy, from the same per-record key (run seed, batch
+index, record id, image index; a salt of its own keeps the noise apart from the mask), on
+the image resized to the model's resolution (theirs is noised after EasyR1 resized it into
+[min_pixels, max_pixels]; the Qwen processor then only snaps it to the 28-px grid), at the
+strength of the RL step that consumes the batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import numpy as np
 
+from papo_jax.data import processor as proc_lib
+
 NUM_STEPS = 1000
 BETA_MIN = 1e-5
 BETA_MAX = 0.5e-2
 DECAY_MODES = ('sigmoid', 'linear', 'pow', 'exp', 'none')
+_NOISE_SALT = 0x5A5A  # keeps noise streams apart from the masks' (masking._MASK_SALT) and other uses of the seed
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseConfig:
+  """The `noisy` config group as the data pipeline needs it (the trainer fills in the step counts)."""
+  enabled: bool = False
+  strength: int = 500          # their gaussian_noise_step: the diffusion step at the start
+  decay_mode: str = 'sigmoid'
+  decay_coef: float = 30.0
+  mid_step: float = 40.0
+  total_steps: int = 1         # train.steps
+  prompts_per_step: int = 0    # data.batch_size (0: one pipeline batch per step)
+  warmup_batches: int = 0      # batches read before RL step 0 (train.warmup_sft_steps: the format warm-up)
+
+  def __post_init__(self):
+    if self.decay_mode not in DECAY_MODES:
+      raise ValueError(f'noise decay_mode {self.decay_mode!r} not in {DECAY_MODES}')
+    if not 0 <= int(self.strength) < NUM_STEPS:
+      raise ValueError(f'noise strength {self.strength} not a diffusion step in [0, {NUM_STEPS - 1}]')
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,3 +144,44 @@ def rollout_split(num_prompts: int, n_clean: int, n_noisy: int | None = None) ->
                      f'n_noisy={n_noisy} must be >= 0 with n_clean + n_noisy >= 1')
   block = np.concatenate([np.zeros(n_clean, bool), np.ones(n_noisy, bool)])
   return np.tile(block, num_prompts)
+
+
+def noise_rng(seed: int, step: int, record_id: int, image_index: int) -> np.random.Generator:
+  """numpy Generator seeded by (seed, batch index, record id, image index) only: masking.mask_rng's key."""
+  entropy = [int(seed) & 0xFFFFFFFF, _NOISE_SALT, int(step), int(record_id), int(image_index)]
+  return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
+
+
+def batch_step(batch_index: int, batch_size: int, prompts_per_step: int, warmup_batches: int = 0) -> int:
+  """The 0-based RL step that consumes pipeline batch `batch_index` of `batch_size` prompts.
+
+  (batch_index - warmup_batches) * batch_size // prompts_per_step, at least 0, where
+  warmup_batches is what a supervised warm-up read before RL (the tiny demo's): the batch
+  index itself when one batch feeds one step (GRPO). DAPO reads algo.dapo_chunk prompts per batch and refills a step until
+  enough groups survive, so a step consumes a varying number of batches; the rule then counts
+  the prompts drawn before the batch in steps of data.batch_size (the step the batch would feed
+  if every group survived, never behind the true step). Either way it depends on the batch
+  index only, which the data state saves: a resumed run draws the same strengths.
+  """
+  drawn = max(0, int(batch_index) - int(warmup_batches)) * int(batch_size)
+  return drawn // max(1, int(prompts_per_step or batch_size))
+
+
+def batch_strength(cfg: NoiseConfig, batch_index: int, batch_size: int) -> int:
+  """The diffusion step of batch `batch_index`: noise_schedule at its RL step (1-based, as their global_step)."""
+  step = batch_step(batch_index, batch_size, cfg.prompts_per_step, cfg.warmup_batches)
+  return noise_schedule(step + 1, cfg.total_steps, alpha0=int(cfg.strength), mode=cfg.decay_mode,
+                        coef=float(cfg.decay_coef), mid_step=float(cfg.mid_step))
+
+
+def noisy_pixel_values(images, image_cfg, *, strength: int, seed: int, step: int, record_id: int) -> np.ndarray:
+  """Distorted pixel_values [ΣN, D] float32 for one prompt's raw uint8 [H, W, 3] images.
+
+  Each image is resized as the processor does, then distorted at `strength` with
+  `noise_rng(seed, step, record_id, k)`: same shape and row layout as the clean
+  `pixel_values` (same grid, tokens and positions), shared by the prompt's noisy rollouts.
+  """
+  noisy = [distort_image(proc_lib.resize_image(im, image_cfg), strength, noise_rng(seed, step, record_id, k))
+           for k, im in enumerate(images)]
+  pixel_values, _ = proc_lib.images_to_pixel_values(noisy, image_cfg, resized=True)
+  return pixel_values

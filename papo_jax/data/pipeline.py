@@ -10,11 +10,15 @@ Stages:
   3. Batch assembly: take examples until `batch_size / process_count` good ones (bad
      records found while decoding are skipped with a warning and counted), draw the
      masked images with key (seed, batch index, record id, image index), pad to the
-     configured buckets. With `prefetch_batches > 0` this runs in a background thread.
+     configured buckets. With NoisyRollout on (`noise.enabled`), the distorted images are
+     drawn next to the masked ones, from the same key, at the strength the noise schedule
+     gives the RL step that consumes the batch (`noise.batch_step`: the batch index, less
+     the batches a warm-up read, when one batch feeds one step; DAPO refills count prompts
+     in steps of `noise.prompts_per_step`). With `prefetch_batches > 0` this runs in a background thread.
 
 `PromptBatchIterator.get_state()` is a JSON-serialisable dict describing the position
 after the last batch handed out; `set_state` resumes exactly there (same records, same
-masks).
+masks, same noise).
 """
 
 import collections
@@ -30,6 +34,7 @@ import numpy as np
 
 from papo_jax.data import images as images_lib
 from papo_jax.data import masking
+from papo_jax.data import noise as noise_lib
 from papo_jax.data import processor as proc_lib
 from papo_jax.data import sources as sources_lib
 from papo_jax.data import synthetic as synthetic_lib
@@ -62,6 +67,7 @@ class DataConfig:
   prefetch_buffer_size: int = 16       # grain elements in flight
   prefetch_batches: int = 2            # assembled batches in flight (0: no thread)
   mask: masking.MaskConfig = dataclasses.field(default_factory=masking.MaskConfig)
+  noise: noise_lib.NoiseConfig = dataclasses.field(default_factory=noise_lib.NoiseConfig)  # NoisyRollout
   # Synthetic task (source='synthetic').
   synthetic_num_records: int = 1024
   synthetic_difficulty: int = 1
@@ -83,6 +89,8 @@ class DataConfig:
                             else tuple(str(k) for k in self.synthetic_kinds))
     if not isinstance(self.mask, masking.MaskConfig):
       self.mask = masking.MaskConfig(**dict(self.mask))
+    if not isinstance(self.noise, noise_lib.NoiseConfig):
+      self.noise = noise_lib.NoiseConfig(**dict(self.noise))
     if self.batch_size <= 0 or self.max_prompt_length <= 0:
       raise ValueError(f"batch_size {self.batch_size} and max_prompt_length "
                        f"{self.max_prompt_length} must be positive")
@@ -110,12 +118,14 @@ class PromptBatch:
   pixel_values / masked_pixel_values [Np, D] float32: all images of the batch in
     row-major batch order (prompt 0's images, prompt 1's, ...), zero rows after
     `num_patches`. masked_pixel_values is None when masking is off.
+  noisy_pixel_values [Np, D] float32: the same images distorted for NoisyRollout's noisy
+    rollouts (same layout); None when NoisyRollout is off. Only the sampler reads them.
   image_grid_thw [I, 3] int32: one (t, h, w) row per image, zero rows after `num_images`
     (a zero row means "no image": zero tokens).
   image_counts [B] int32: images per prompt. record_ids [B] int64.
   answers / kinds / problems: list[str] of length B.
   stats: dict of counters (skips by reason in this batch and in total, prefilter drops,
-    batch index, bucket overflows).
+    batch index, bucket overflows; `noise_strength`, the diffusion step of the noisy copy).
   """
   input_ids: np.ndarray
   attention_mask: np.ndarray
@@ -130,6 +140,7 @@ class PromptBatch:
   kinds: list
   problems: list
   stats: dict
+  noisy_pixel_values: Optional[np.ndarray] = None
 
   @property
   def batch_size(self):
@@ -167,7 +178,7 @@ def resolve_buckets(cfg, per_host_batch):
   return lens, patches, imgs
 
 
-def collate(examples, pad_id, buckets, patch_dim, with_masked):
+def collate(examples, pad_id, buckets, patch_dim, with_masked, with_noisy=False):
   """list of processed examples → (PromptBatch without stats, overflow counters)."""
   len_buckets, patch_buckets, image_buckets = buckets
   b = len(examples)
@@ -203,7 +214,8 @@ def collate(examples, pad_id, buckets, patch_dim, with_masked):
       num_patches=n, num_images=n_img,
       record_ids=np.asarray([e["record_id"] for e in examples], np.int64),
       answers=[e["answer"] for e in examples], kinds=[e["kind"] for e in examples],
-      problems=[e["problem"] for e in examples], stats={})
+      problems=[e["problem"] for e in examples], stats={},
+      noisy_pixel_values=pack("noisy_pixel_values") if with_noisy else None)
   return batch, {"patch_bucket_overflow": int(over_p), "image_bucket_overflow": int(over_i)}
 
 
@@ -237,11 +249,11 @@ def concat_batches(batches, pad_id):
   grid = np.zeros((sum(b.image_grid_thw.shape[0] for b in batches), 3), np.int32)
   grid[:n_img] = np.concatenate([b.image_grid_thw[:b.num_images] for b in batches])
   total_patches = sum(b.pixel_values.shape[0] for b in batches)
-  # Counters add up over processes; the batch index is the same everywhere.
+  # Counters add up over processes; the batch index (and the noise strength it gives) is the same everywhere.
   stats = {}
   for b in batches:
     for k, v in b.stats.items():
-      stats[k] = v if k == "batch_index" else stats.get(k, 0) + v
+      stats[k] = v if k in ("batch_index", "noise_strength") else stats.get(k, 0) + v
   return PromptBatch(
       input_ids=input_ids, attention_mask=attention_mask, pixel_values=pack("pixel_values", total_patches),
       masked_pixel_values=(pack("masked_pixel_values", total_patches)
@@ -249,7 +261,9 @@ def concat_batches(batches, pad_id):
       image_grid_thw=grid, image_counts=np.concatenate([b.image_counts for b in batches]),
       num_patches=n_patch, num_images=n_img, record_ids=np.concatenate([b.record_ids for b in batches]),
       answers=sum((list(b.answers) for b in batches), []), kinds=sum((list(b.kinds) for b in batches), []),
-      problems=sum((list(b.problems) for b in batches), []), stats=stats)
+      problems=sum((list(b.problems) for b in batches), []), stats=stats,
+      noisy_pixel_values=(pack("noisy_pixel_values", total_patches)
+                          if batches[0].noisy_pixel_values is not None else None))
 
 
 # Failures of the environment, not of a record: a missing package (transformers' chat
@@ -417,7 +431,7 @@ class PromptBatchIterator:
     ds = ds.repeat(cfg.num_epochs)
     ds = ds[self.process_index::self.process_count]
     src, proc, max_len = self.source, self.processor, cfg.max_prompt_length
-    keep_raw = cfg.mask.enabled
+    keep_raw = cfg.mask.enabled or cfg.noise.enabled
     cap = cfg.max_image_patches
     ds = ds.map(lambda rid: process_record(rid, src, proc, max_len, keep_raw, cap))
     return ds.to_iter_dataset(grain.ReadOptions(
@@ -446,6 +460,10 @@ class PromptBatchIterator:
         ex["raw_images"], self.cfg.mask, self.processor.image, seed=self.cfg.seed, step=step,
         record_id=ex["record_id"])
 
+  def _noisy(self, ex, step, strength):
+    return noise_lib.noisy_pixel_values(ex["raw_images"], self.processor.image, strength=strength,
+                                        seed=self.cfg.seed, step=step, record_id=ex["record_id"])
+
   def _next_batch(self):
     """Produces (batch, state after it). Runs in the producer thread when prefetching."""
     skipped = collections.Counter()
@@ -463,15 +481,17 @@ class PromptBatchIterator:
         continue
       examples.append(ex)
     step = self._batch_index
-    with_masked = self.cfg.mask.enabled
-    if with_masked:
-      fn = lambda ex: self._masked(ex, step)
-      masked = list(self._pool.map(fn, examples)) if self._pool else [fn(e) for e in examples]
-      for ex, m in zip(examples, masked):
-        ex["masked_pixel_values"] = m
+    with_masked, with_noisy = self.cfg.mask.enabled, self.cfg.noise.enabled
+    strength = noise_lib.batch_strength(self.cfg.noise, step, self.cfg.batch_size) if with_noisy else None
+    if with_masked or with_noisy:
+      fn = lambda ex: (self._masked(ex, step) if with_masked else None,
+                       self._noisy(ex, step, strength) if with_noisy else None)
+      derived = list(self._pool.map(fn, examples)) if self._pool else [fn(e) for e in examples]
+      for ex, (masked, noisy) in zip(examples, derived):
+        ex["masked_pixel_values"], ex["noisy_pixel_values"] = masked, noisy
         ex["raw_images"] = None
     batch, overflow = collate(examples, self.processor.pad_token_id, self.buckets,
-                              self.processor.image.patch_dim, with_masked)
+                              self.processor.image.patch_dim, with_masked, with_noisy)
     for k, v in overflow.items():
       if v:
         logging.warning("batch %d: %s (%d patches, %d images) beyond the largest bucket",
@@ -480,6 +500,8 @@ class PromptBatchIterator:
     self._totals.update({k: v for k, v in overflow.items() if v})
     self._batch_index += 1
     stats = {"batch_index": step}
+    if with_noisy:
+      stats["noise_strength"] = strength
     stats.update({f"skipped/{k}": v for k, v in skipped.items()})
     stats.update({f"skipped_total/{k}": v for k, v in self._totals.items()})
     stats.update({f"prefilter/{k}": v for k, v in self.prefilter_counts.items()})
