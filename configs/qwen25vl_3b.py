@@ -4,7 +4,11 @@
         --config.model.path=/ckpt/Qwen2.5-VL-3B-Instruct --config.data.path=/data/ViRL39K/train.parquet
 
 Variants (papo.md §2): papo_g (default: gamma 0.02, ref KL 0.01, no entropy terms), grpo,
-papo_g_no_ref_kl (gamma 0.01, eta 0.03/0.03), dapo, papo_d (gamma 0.01, eta 0.03/0.03).
+papo_g_no_ref_kl (gamma 0.01, eta 0.03/0.03), dapo, papo_d (gamma 0.01, eta 0.03/0.03);
+vppo (VPPO as its authors released it, github.com/huaixuheqing/VPPO-RL
+examples/configs/train_vppo_7b.sh: DAPO's sampling and clip, no ref KL, top 40% tokens by visual
+dependency, advantage scale from 0.9, entropy penalty 0.06, n=8, 50% patch blackening; with n=8
+optim.micro_batches is 32, 32 rows per micro-batch) and papo_vppo (PAPO-G + VPPO's loss terms).
 Hardware: the paper used 2 x H100-80G. TPU (docs/tpu.md; check with
 ``python -m papo_jax.aot --config=configs/qwen25vl_3b.py --topology=v5e:2x4``): the smallest
 slice is v5e-8 by the arithmetic of docs/tpu.md (the tool's full compile is still to be run):
@@ -25,4 +29,5 @@ from papo_jax.config_base import paper_config
 
 
 def get_config(variant: str = "papo_g"):
-  return paper_config(variant, micro_batches=16)
+  # vppo's n=8 makes 1024 rows per update: 32 micro-batches keep them at most the 40 rows of n=5.
+  return paper_config(variant, micro_batches=32 if variant == "vppo" else 16)
