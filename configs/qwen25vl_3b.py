@@ -7,7 +7,11 @@ Variants (papo.md §2): papo_g (default: gamma 0.02, ref KL 0.01, no entropy ter
 papo_g_no_ref_kl (gamma 0.01, eta 0.03/0.03), dapo, papo_d (gamma 0.01, eta 0.03/0.03);
 noisy_rollout and papo_noisy: grpo and papo_g with NoisyRollout (config_base.NOISY_ROLLOUT: groups of
 rollout.n = 12, 6 on the clean image and 6 on a diffusion-noised one, noise step 500 annealed by a sigmoid;
-384 x 12 rollouts a step in 48 micro-batches of 32 rows, no more than the 40 of the others).
+384 x 12 rollouts a step in 48 micro-batches of 32 rows, no more than the 40 of the others);
+vppo (VPPO as its authors released it, github.com/huaixuheqing/VPPO-RL
+examples/configs/train_vppo_7b.sh: DAPO's sampling and clip, no ref KL, top 40% tokens by visual
+dependency, advantage scale from 0.9, entropy penalty 0.06, n=8, 50% patch blackening; with n=8
+optim.micro_batches is 32, 32 rows per micro-batch) and papo_vppo (PAPO-G + VPPO's loss terms).
 Hardware: the paper used 2 x H100-80G. TPU (docs/tpu.md; check with
 ``python -m papo_jax.aot --config=configs/qwen25vl_3b.py --topology=v5e:2x4``): the smallest
 slice is v5e-8 by the arithmetic of docs/tpu.md (the tool's full compile is still to be run):
@@ -28,4 +32,5 @@ from papo_jax.config_base import paper_config
 
 
 def get_config(variant: str = "papo_g"):
-  return paper_config(variant, micro_batches=16)
+  # vppo's n=8 makes 1024 rows per update: 32 micro-batches keep them at most the 40 rows of n=5.
+  return paper_config(variant, micro_batches=32 if variant == "vppo" else 16)

@@ -6,12 +6,19 @@
 Variants: papo_g (default: gamma 0.02, ref KL 0.01, double entropy eta 0.05/0.05), grpo,
 papo_g_no_ref_kl, dapo, papo_d; noisy_rollout and papo_noisy (grpo and papo_g, double entropy included,
 with NoisyRollout: 6 clean + 6 noisy rollouts a prompt, config_base.NOISY_ROLLOUT; 96 micro-batches keep
-16 rows each). Hardware: the paper used 4 x H100-80G. TPU (docs/tpu.md): the
-smallest slice is v5p-8 (4 chips x 95 GiB, by the arithmetic of docs/tpu.md; the full compile,
+16 rows each); vppo (VPPO-7B as its authors trained it on 8 x H800,
+github.com/huaixuheqing/VPPO-RL examples/configs/train_vppo_7b.sh: DAPO's sampling and clip, no ref
+KL, top 40% tokens by visual dependency, advantage scale from 0.9, entropy penalty 0.06, n=8, 50%
+patch blackening; optim.micro_batches 64 = 16 rows per micro-batch) and papo_vppo (PAPO-G with
+VPPO's loss terms; entropy penalty 0.06 on the original only, not the double entropy of papo_g).
+Hardware: the paper used 4 x H100-80G. TPU (docs/tpu.md): the smallest slice is v5p-8 (4 chips x
+95 GiB, by the arithmetic of docs/tpu.md; the full compile,
 ``python -m papo_jax.aot --config=configs/qwen25vl_7b.py --topology=v5p:2x2x1``, is still to be run): FSDP over 4 chips holds 35 GiB per chip of fp32 parameters, AdamW moments, gradients
 and the bf16 reference; it needs model.remat=True and optim.micro_batches=32 or more (20 rows
 = 5 per chip). A v5e-16 (16 GiB chips) cannot hold that state plus a micro-batch.
-Expected (avg@8): GRPO 58.78 -> PAPO-G 61.66; DAPO 55.01 -> PAPO-D 63.16.
+Expected (avg@8): GRPO 58.78 -> PAPO-G 61.66; DAPO 55.01 -> PAPO-D 63.16. VPPO's own Table 1
+(avg@8 over their 8 benchmarks, a different set; VPPO-RL assets/results.png): GRPO 53.1, DAPO 55.0
+-> VPPO 57.5.
 Note: the authors' own 7B "GRPO" script silently ran PAPO with gamma 0.01; here grpo is GRPO.
 """
 
@@ -19,7 +26,8 @@ from papo_jax.config_base import paper_config
 
 
 def get_config(variant: str = "papo_g"):
-  c = paper_config(variant, micro_batches=32)
+  # vppo's n=8 makes 1024 rows per update: 64 micro-batches keep them at most the 20 rows of n=5.
+  c = paper_config(variant, micro_batches=64 if variant == "vppo" else 32)
   if variant in ("papo_g", "papo_noisy"):
     c.papo.eta_ori = c.papo.eta_mask = 0.05   # PAPO-G 7B uses double entropy
   return c

@@ -2,13 +2,16 @@
 
     python -m papo_jax.train --config=configs/tiny.py --workdir=/tmp/papo_tiny
     python -m papo_jax.train --config=configs/tiny.py:grpo --workdir=/tmp/grpo_tiny
+    python -m papo_jax.train --config=configs/tiny.py:vppo --workdir=/tmp/vppo_tiny
 
 Hardware: a laptop / 2-core CPU, a few minutes. The task is the synthetic "What colour is
 the shape?" (one large red/green/blue/yellow shape on a pale tint of its colour, 112 px): the question text never
 changes, so a model that ignores the image stays at chance (1 in 4). A short supervised
 warm-up teaches the answer format with *random* colours (so RL starts at chance accuracy);
 RL must then learn to read the image. Held-out accuracy: 256 unseen images, greedy.
-Variants: papo_g (default), grpo, papo_g_no_ref_kl, dapo, papo_d, noisy_rollout and papo_noisy
+Variants: papo_g (default), grpo, papo_g_no_ref_kl, dapo, papo_d, vppo (VPPO's released recipe:
+DAPO sampling, top 40% tokens by visual dependency, advantage scale, entropy penalty),
+papo_vppo (PAPO-G + VPPO's loss terms), noisy_rollout and papo_noisy
 (GRPO / PAPO-G with NoisyRollout: 4 of each prompt's 8 rollouts on a noisy image); a ``qwen3_`` prefix (or just
 ``qwen3``, i.e. qwen3_papo_g) swaps in a tiny random Qwen3-VL (DeepStack, interleaved MRoPE,
 qk-norm; patch 16, so the 112 px synthetic images are resized to 128 px = 16 image tokens):

@@ -12,8 +12,9 @@ config (:data:`ARCHITECTURES`), sharded with the project's logical rules
 are lowered and compiled for the TPU exactly as ``train.py`` builds them:
 
 * ``train_step``: ``rl/train_step.make_train_step`` over one update (``optim.micro_batches``
-  micro-batches; with ``optim.mini_batches > 1`` the log-probs are precomputed inputs);
-* ``logprob_pass``: ``make_logprob_pass`` over a whole step's rows (``mini_batches > 1``);
+  micro-batches; with the log-prob pass the log-probs are precomputed inputs);
+* ``logprob_pass``: ``make_logprob_pass`` over a whole step's rows, as the trainer runs it
+  (``optim.mini_batches > 1``, or a loss with whole-batch factors: ``StepConfig.needs_logprob_pass``);
 * ``prefill`` / ``decode``: the sampler's own jitted programs at the rollout chunk size
   (``rollout.chunk_prompts``, or sized by ``papo_jax/sampling/budget.py``).
 
@@ -707,8 +708,9 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
   s = shapes_for(c, mc, prompt_len=prompt_len, images_per_row=images_per_row)
   with_mask = bool(c.data.mask.enabled)
   mb = s.mini_batches
+  pre = mb > 1 or cfg.needs_logprob_pass   # the trainer's rule (train.setup): log-probs precomputed
   scalar = _sds(mesh, (), jnp.float32)
-  extra = int(cfg.needs_mask and mb == 1) + int(cfg.needs_ref and mb == 1)
+  extra = int(cfg.needs_mask and not pre) + int(cfg.needs_ref and not pre)
   reports = []
 
   def per_chip(flops):
@@ -729,11 +731,11 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
 
   if "train_step" in programs:
     logps = ()
-    if mb > 1:
+    if pre:
       logps = ("old_logp",) + (("mask_logp",) if cfg.needs_mask else ()) + (("ref_logp",) if cfg.needs_ref else ())
     batch, n_patch = train_batch_specs(mc, mesh, s, micro_batches=s.micro_per_update, with_mask=with_mask, logps=logps)
     step = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=(0,), out_shardings=(state_sh, None))
-    ref_arg = ref if mb == 1 else None
+    ref_arg = None if pre else ref
     rows = s.micro_per_update * s.rows_per_micro
     patches = s.micro_per_update * n_patch
     flops = train_step_flops(full_mc, rows=rows, length=s.length, response=s.response_len, patches=patches,
@@ -743,11 +745,11 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
       att = attention_flops_causal(mc, rows, s.length) + attention_flops_vision(mc, patches, s.patches_per_image)
       kernel = (3 + extra + int(mc.remat)) * att
     program("train_step", lambda: step.lower(state, ref_arg, batch, scalar, scalar),
-            resident=ref_b if mb > 1 else 0.0, model_flops=flops, kernel_flops=kernel,
+            resident=ref_b if pre else 0.0, model_flops=flops, kernel_flops=kernel,
             hint="raise optim.micro_batches (fewer rows per micro-batch), shard wider (mesh.fsdp), "
                  "or set model.remat=True")
 
-  if "logprob_pass" in programs and mb > 1:
+  if "logprob_pass" in programs and pre:
     m = s.mini_batches * s.micro_per_update
     batch, n_patch = train_batch_specs(mc, mesh, s, micro_batches=m, with_mask=with_mask)
     fn = jax.jit(make_logprob_pass(graphdef, cfg))

@@ -1,6 +1,6 @@
 """The config schema every run shares; ``configs/*.py`` start from :func:`base_config`.
 
-Groups (DESIGN.md): model, data, rollout, algo, papo, reward, optim, train, mesh,
+Groups (DESIGN.md): model, data, rollout, algo, papo, vppo, reward, optim, train, mesh,
 checkpoint, log, monitor, eval. Fields are typed by their defaults, so a command-line
 override of the wrong type or an unknown field stops at start-up with its name.
 """
@@ -13,7 +13,23 @@ from typing import NamedTuple
 
 import ml_collections
 
-# Per-run constants of the paper (papo.md §2): eps_high, beta, gamma, eta_ori/eta_mask, dynamic sampling.
+# VPPO's released runs (github.com/huaixuheqing/VPPO-RL): examples/configs/train_vppo_7b.sh sets
+# top_p_perception_tokens=0.4, advantage_scaling_min=0.9, entropy_penalty_coef=0.06, rollout n=8
+# on examples/configs/config.yaml (online_filtering on accuracy in (0.01, 0.99), clip_ratio_high
+# 0.28, disable_kl: DAPO's sampling and clip without a reference KL; lr 1e-6, 384 prompts, 3
+# updates per step). Their entropy penalty is verl/workers/actor/dp_actor.py's
+# `loss + entropy_penalty_coef * -masked_mean(log_probs, response_mask)`: papo.eta_ori exactly.
+# Their masked copy (verl/workers/fsdp_workers.py `_process_aug_multi_modal_inputs`) blackens
+# 14-px squares with probability 0.5 (verl/workers/perc_utils.py `random_patch_blackening`) of
+# the image after the pixel-budget resize (verl/utils/dataset.py `process_image`): our 'patch'
+# mode (14-px squares of the resized image).
+VPPO_LOSS = dict(top_frac=0.4, adv_scale_min=0.9)
+VPPO_ENTROPY_PENALTY = 0.06
+VPPO_N = 8
+VPPO_MASK = dict(mode="patch", ratio=0.5, patch_size=14, exact_ratio=False)
+
+# Per-run constants of the paper (papo.md §2): eps_high, beta, gamma, eta_ori/eta_mask, dynamic sampling;
+# optional: eta_ori / eta_mask apart, vppo (vppo group fields), n (rollout.n), mask (data.mask fields).
 VARIANTS = {
     "grpo": dict(algo="grpo", eps_high=0.3, beta=0.01, gamma=0.0, eta=0.0, dynamic=False),
     "papo_g": dict(algo="grpo", eps_high=0.3, beta=0.01, gamma=0.02, eta=0.0, dynamic=False),
@@ -23,6 +39,14 @@ VARIANTS = {
     "papo_noisy": dict(algo="grpo", eps_high=0.3, beta=0.01, gamma=0.02, eta=0.0, dynamic=False, noisy=True),
     "dapo": dict(algo="dapo", eps_high=0.28, beta=0.0, gamma=0.0, eta=0.0, dynamic=True),
     "papo_d": dict(algo="dapo", eps_high=0.28, beta=0.0, gamma=0.01, eta=0.03, dynamic=True),
+    # VPPO as released: DAPO's sampling and clip, no reference KL, token mask + advantage scale,
+    # entropy penalty, 8 rollouts per prompt, their patch blackening.
+    "vppo": dict(algo="dapo", eps_high=0.28, beta=0.0, gamma=0.0, eta=0.0, eta_ori=VPPO_ENTROPY_PENALTY,
+                 dynamic=True, vppo=VPPO_LOSS, n=VPPO_N, mask=VPPO_MASK),
+    # PAPO-G (its sampling, reference KL, gamma, n and masked copy) + VPPO's loss terms
+    # (token mask, advantage scale, entropy penalty), the dependency read from PAPO's masked copy.
+    "papo_vppo": dict(algo="grpo", eps_high=0.3, beta=0.01, gamma=0.02, eta=0.0, eta_ori=VPPO_ENTROPY_PENALTY,
+                      dynamic=False, vppo=VPPO_LOSS),
 }
 
 # NoisyRollout's released scripts (John-AI-Lab/NoisyRollout, training_scripts/qwen2_5_vl_7b_geo3k_noisyrollout.sh):
@@ -85,8 +109,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.algo = dict(name="grpo", eps_low=0.2, eps_high=0.3, dual_clip=3.0, beta=0.01, agg="token",
                 dynamic_sampling=False, dapo_acc_low=0.01, dapo_acc_high=0.99, dapo_chunk=128,
                 dapo_max_rounds=20)
+  # adaptive_gamma: each sample's perception KL weighted by its mean visual dependency over its
+  # group's, clipped to [0, adaptive_gamma_max] (rl/vppo.py adaptive_gamma_factor).
   c.papo = dict(gamma=0.0, gamma_end=-1.0, gamma_horizon_frac=0.5, eta_ori=0.0, eta_mask=0.0, mask_grad=False,
-                kl_prcp_clamp_hi=-1.0, kl_prcp_top_frac=-1.0)
+                kl_prcp_clamp_hi=-1.0, kl_prcp_top_frac=-1.0, adaptive_gamma=False, adaptive_gamma_max=2.0)
+  # VPPO (rl/vppo.py; the variants vppo / papo_vppo): top_frac keeps each response's top
+  # fraction of tokens by visual dependency in the policy-gradient term (-1: off);
+  # adv_scale_min reweights advantages by the response's mean dependency to [min, max], mean 1
+  # (-1: off). minmax_chunk / mean_chunk: 0 = normalise over the whole update batch, else sets
+  # of that many consecutive rows (the authors' per-device mini-batch / micro-batch).
+  # dependency: k3 (the authors' one-sample estimate from the sampled tokens' log-probs).
+  c.vppo = dict(top_frac=-1.0, adv_scale_min=-1.0, minmax_chunk=0, mean_chunk=0, dependency="k3")
   # overlap: grade in the background while the log-prob pass runs (GRPO with optim.mini_batches > 1).
   # format_mode: think (<think>.*</think>.*\boxed{}) | thinking (.*</think>.*\boxed{}, for chat
   # templates that open <think> themselves: Qwen3-VL "Thinking") | auto (from the chat template).
@@ -144,8 +177,8 @@ def paper_config(variant: str, *, micro_batches: int) -> ml_collections.ConfigDi
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
-  """Sets the paper's constants for one of VARIANTS (grpo | papo_g | papo_g_no_ref_kl | dapo | papo_d, and
-  noisy_rollout | papo_noisy: GRPO | PAPO-G with NoisyRollout)."""
+  """Sets the papers' constants for one of :data:`VARIANTS` (grpo | papo_g | papo_g_no_ref_kl |
+  dapo | papo_d | vppo | papo_vppo, and noisy_rollout | papo_noisy: GRPO | PAPO-G with NoisyRollout)."""
   if variant not in VARIANTS:
     raise ValueError(f"config variant {variant!r} is not one of {sorted(VARIANTS)}")
   v = VARIANTS[variant]
@@ -156,7 +189,15 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
   c.algo.beta = v["beta"]
   c.algo.dynamic_sampling = v["dynamic"]
   c.papo.gamma = v["gamma"]
-  c.papo.eta_ori = c.papo.eta_mask = v["eta"]
+  c.papo.eta_ori = v.get("eta_ori", v["eta"])
+  c.papo.eta_mask = v.get("eta_mask", v["eta"])
+  vppo = v.get("vppo", {})
+  c.vppo.top_frac = vppo.get("top_frac", -1.0)
+  c.vppo.adv_scale_min = vppo.get("adv_scale_min", -1.0)
+  if "n" in v:
+    c.rollout.n = v["n"]
+  for k, val in v.get("mask", {}).items():
+    c.data.mask[k] = val
   c.data.mask.enabled = needs_masked_pass(c)
   return c
 
@@ -187,10 +228,11 @@ class PerceptionTerms(NamedTuple):
 
 
 def needs_masked_pass(c: ml_collections.ConfigDict) -> bool:
-  """The masked-image forward is needed by the perception KL (γ) or the masked entropy (eta_mask):
-  the train step's own rule, so the data pipeline masks exactly when the step reads the copies."""
-  from papo_jax.rl.train_step import needs_masked_images
-  return needs_masked_images(c.papo.gamma, c.papo.eta_mask)
+  """The masked-image forward is needed by the perception KL (γ), the masked entropy (eta_mask) or
+  the visual dependency (VPPO, adaptive γ): the train step's own rule (``StepConfig.needs_mask``,
+  i.e. ``rl.train_step.needs_masked_images``), so the data pipeline masks exactly when the step
+  reads the copies."""
+  return step_config(c).needs_mask
 
 
 def perception_terms(c: ml_collections.ConfigDict, step: int = 0, gamma_halvings: int = 0) -> PerceptionTerms:
@@ -214,13 +256,22 @@ def mesh_rules(c: ml_collections.ConfigDict):
 
 
 def step_config(c: ml_collections.ConfigDict):
-  """The train step's static switches (loss constants, masked-path gradient, log-prob chunk) from a run config."""
+  """The train step's static switches (loss constants, masked-path gradient, log-prob chunk) from a run config.
+
+  VPPO's groups are the rollout groups (``group_size = rollout.n``); ``vppo.*`` values of -1
+  (or 0 for the chunks) are off (None).
+  """
   from papo_jax.rl.losses import LossConfig
   from papo_jax.rl.train_step import StepConfig
   loss = LossConfig(eps_low=c.algo.eps_low, eps_high=c.algo.eps_high, dual_clip=c.algo.dual_clip, beta=c.algo.beta,
                     gamma=c.papo.gamma, eta_ori=c.papo.eta_ori, eta_mask=c.papo.eta_mask, agg=c.algo.agg,
                     kl_prcp_clamp=(0.0, c.papo.kl_prcp_clamp_hi) if c.papo.kl_prcp_clamp_hi > 0 else None,
-                    kl_prcp_top_frac=c.papo.kl_prcp_top_frac if c.papo.kl_prcp_top_frac > 0 else None)
+                    kl_prcp_top_frac=c.papo.kl_prcp_top_frac if c.papo.kl_prcp_top_frac > 0 else None,
+                    vppo_top_frac=c.vppo.top_frac if c.vppo.top_frac > 0 else None,
+                    vppo_adv_scale_min=c.vppo.adv_scale_min if c.vppo.adv_scale_min >= 0 else None,
+                    vppo_minmax_chunk=c.vppo.minmax_chunk or None, vppo_mean_chunk=c.vppo.mean_chunk or None,
+                    vppo_dependency=c.vppo.dependency, adaptive_gamma=bool(c.papo.adaptive_gamma),
+                    adaptive_gamma_max=c.papo.adaptive_gamma_max, group_size=c.rollout.n)
   return StepConfig(loss=loss, mask_grad=c.papo.mask_grad, logprob_chunk=c.optim.logprob_chunk)
 
 
@@ -317,6 +368,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   need(rows % (c.optim.mini_batches * c.optim.micro_batches) == 0, "optim.micro_batches",
        f"{rows} rollouts per step do not split into {c.optim.mini_batches} mini x "
        f"{c.optim.micro_batches} micro batches")
+  _check_vppo(need, c, rows // max(c.optim.mini_batches, 1))
   need(c.monitor.action in ("warn", "lower_gamma", "stop"), "monitor.action", f"{c.monitor.action!r} unknown")
   need(c.train.steps >= 1, "train.steps", f"{c.train.steps} < 1")
   need(c.model.attention in ("auto", "xla", "cudnn", "pallas_tpu"), "model.attention",
@@ -329,3 +381,28 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
        f"{c.reward.format_mode!r} is not auto|think|thinking")
   need(c.log.samples_every >= 0 and c.log.samples_per_step >= 0, "log.samples_every",
        "log.samples_every and log.samples_per_step must be >= 0")
+
+
+def _check_vppo(need, c: ml_collections.ConfigDict, rows_per_update: int) -> None:
+  """The vppo group and adaptive γ: ranges, and the row sets they normalise over within one update."""
+  v = c.vppo
+  need(v.top_frac == -1 or 0 < v.top_frac <= 1, "vppo.top_frac", f"{v.top_frac} is not -1 (off) or in (0, 1]")
+  need(v.adv_scale_min == -1 or 0 <= v.adv_scale_min <= 1, "vppo.adv_scale_min",
+       f"{v.adv_scale_min} is not -1 (off) or in [0, 1]")
+  need(v.dependency in ("k3", "full_kl"), "vppo.dependency", f"{v.dependency!r} is not k3|full_kl")
+  # The exact KL over the vocabulary (rl/vppo.py full_kl_chunked) would have to travel from the
+  # log-prob pass to the update as one more array; only the log-probs do.
+  need(v.dependency != "full_kl", "vppo.dependency",
+       "'full_kl' is not wired into the train step (the log-prob pass returns log-probs only); use 'k3'")
+  need(v.minmax_chunk >= 0 and (v.minmax_chunk == 0 or rows_per_update % v.minmax_chunk == 0), "vppo.minmax_chunk",
+       f"{v.minmax_chunk}: must be 0 (the whole update) or divide the {rows_per_update} rows of an update")
+  minmax = v.minmax_chunk or rows_per_update
+  need(v.mean_chunk >= 0 and (v.mean_chunk == 0 or minmax % v.mean_chunk == 0), "vppo.mean_chunk",
+       f"{v.mean_chunk}: must be 0 (= vppo.minmax_chunk) or divide its {minmax} rows")
+  need(c.papo.adaptive_gamma_max > 0, "papo.adaptive_gamma_max", f"{c.papo.adaptive_gamma_max} <= 0")
+  if c.papo.adaptive_gamma:
+    need(c.papo.gamma > 0 or c.papo.gamma_end > 0, "papo.adaptive_gamma",
+         "scales the perception KL, which is off (papo.gamma = 0 and no papo.gamma_end > 0)")
+    need(rows_per_update % c.rollout.n == 0, "papo.adaptive_gamma",
+         f"compares each response with its group's, but the {rows_per_update} rows of an update "
+         f"(optim.mini_batches={c.optim.mini_batches}) cut groups of rollout.n={c.rollout.n}")

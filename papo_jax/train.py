@@ -248,7 +248,8 @@ def setup(c, workdir: str, mesh):
   run = Run(c=c, mesh=mesh, graphdef=graphdef, model_config=mcfg, it=it, tokenizer=it.processor.tokenizer,
             sampler=sampler, reward_fn=rewards.make_reward_fn(c.reward, it.processor),
             grader=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reward"), train_step=train_step,
-            logprob_pass=jax.jit(make_logprob_pass(graphdef, step_cfg)) if c.optim.mini_batches > 1 else None,
+            logprob_pass=(jax.jit(make_logprob_pass(graphdef, step_cfg))
+                          if c.optim.mini_batches > 1 or step_cfg.needs_logprob_pass else None),
             stop_ids=stop_ids, pad_id=mcfg.pad_token_id if mcfg.pad_token_id is not None else 0,
             rules=rules, rollout_chunk=chunk)
   return run, state, state_sh, initial, data_cfg

@@ -20,6 +20,8 @@ def tiny(variant="papo_g"):
 def test_tiny_config_is_valid():
   validate_config(tiny())
   validate_config(tiny("qwen3_papo_d"))
+  validate_config(tiny("vppo"))
+  validate_config(tiny("papo_vppo"))
 
 
 @pytest.mark.parametrize("field,value,named", [
@@ -33,6 +35,14 @@ def test_tiny_config_is_valid():
     ("reward.format_mode", "xml", "reward.format_mode"),
     ("model.attention", "flash", "model.attention"),
     ("data.path", "/nonexistent/train.parquet", "data.path"),   # the synthetic source reads no files
+    ("vppo.top_frac", 1.5, "vppo.top_frac"),
+    ("vppo.top_frac", 0.0, "vppo.top_frac"),                    # off is -1
+    ("vppo.adv_scale_min", 1.5, "vppo.adv_scale_min"),
+    ("vppo.minmax_chunk", 7, "vppo.minmax_chunk"),              # 16 x 8 rows per update
+    ("vppo.mean_chunk", 3, "vppo.mean_chunk"),
+    ("vppo.dependency", "kl", "vppo.dependency"),
+    ("vppo.dependency", "full_kl", "vppo.dependency"),          # not wired into the step
+    ("papo.adaptive_gamma_max", 0.0, "papo.adaptive_gamma_max"),
 ])
 def test_error_names_the_field(field, value, named):
   c = tiny()
@@ -96,3 +106,19 @@ def test_unknown_field_and_wrong_type_are_refused_by_the_locked_config():
     c.model.no_such_field = 1
   with pytest.raises(TypeError):
     c.rollout.n = "five"
+
+
+def test_adaptive_gamma_needs_gamma_and_whole_groups_per_update():
+  c = tiny("papo_g")
+  c.papo.adaptive_gamma = True
+  validate_config(c)
+  c.optim.mini_batches = 2      # 16 prompts x 8 split in 2 updates of whole groups
+  validate_config(c)
+  c.data.batch_size, c.optim.mini_batches = 3, 2   # 24 rows: 12 per update cut a group of 8
+  c.optim.micro_batches = 1
+  with pytest.raises(ConfigError, match=r"papo\.adaptive_gamma"):
+    validate_config(c)
+  c = tiny("grpo")
+  c.papo.adaptive_gamma = True
+  with pytest.raises(ConfigError, match=r"papo\.adaptive_gamma"):
+    validate_config(c)

@@ -11,7 +11,7 @@ from rollouts import GRIDS, ROWS, T, build_batch
 from rollouts import flat as _flat
 from papo_jax import models
 from papo_jax.parallel import make_mesh, shard_state, use_mesh_rules
-from papo_jax.rl.losses import LossConfig
+from papo_jax.rl.losses import LossConfig, papo_loss, sequence_factors
 from papo_jax.rl.train_step import (StepConfig, init_train_state, make_grad_fn, make_logprob_pass,
                                     make_optimizer, make_train_step, response_logprobs)
 
@@ -194,3 +194,101 @@ def test_sharded_update_equals_single_device(setup):
 
   np.testing.assert_allclose(b, first_adamw_step(g), atol=2e-6)
   np.testing.assert_allclose(a, first_adamw_step(_flat(g_sh)), atol=2e-6)
+
+
+# -- VPPO / adaptive gamma: per-sequence factors over the whole update batch ------------------
+
+# Every option on; gamma large enough that the adaptive factor moves the gradient clearly.
+VPPO_KW = dict(gamma=0.3, eta_ori=0.06, vppo_top_frac=0.4, vppo_adv_scale_min=0.9, adaptive_gamma=True, group_size=2)
+
+
+@pytest.fixture(scope="module")
+def vppo_case(setup):
+  """8 rows (4 prompts x n=2) as one and as two micro-batches, with old and masked-image log-probs
+  from the no-grad pass of another policy (non-trivial ratios and dependencies)."""
+  model, graphdef, params, ref_params = setup
+  cfg = StepConfig(loss=LossConfig(**VPPO_KW), logprob_chunk=4)
+  one = build_batch(model, ROWS, GRIDS, micro=1, n=2, seed=11)
+  old, masked, _ = jax.jit(make_logprob_pass(graphdef, cfg))(ref_params, None, one)
+  one = one.replace(old_logp=old, mask_logp=masked)
+  two = build_batch(model, ROWS, GRIDS, micro=2, n=2, seed=11)   # the same rows, group-major
+  two = two.replace(old_logp=old.reshape(2, 4, T), mask_logp=masked.reshape(2, 4, T))
+  step = lambda c, b: jax.jit(make_grad_fn(graphdef, c))(params, None, b, jnp.float32(VPPO_KW["gamma"]))
+  g1, l1, m1 = step(cfg, one)
+  g2, l2, _ = step(cfg, two)
+  micro = jax.tree.map(lambda a: a[0], one)
+  pv, grid = micro.images()
+
+  @jax.jit
+  def reference(p, adv_scale_B, gamma_factor_B):
+    """papo_loss on all 8 rows at once with the given per-sequence factors: (grads, loss)."""
+    def loss(p):
+      lp = response_logprobs(nnx.merge(graphdef, p), micro.input_ids, micro.attention_mask, micro.position_ids,
+                             pv, grid, T, 4)
+      return papo_loss(lp, micro.old_logp, None, micro.mask_logp, micro.advantages, micro.response_mask, cfg.loss,
+                       adv_scale_B=adv_scale_B, gamma_factor_B=gamma_factor_B)[0]
+    l, g = jax.value_and_grad(loss)(p)
+    return g, l
+
+  return dict(cfg=cfg, one=one, two=two, g1=_flat(g1), l1=float(l1), m1=m1, g2=_flat(g2), l2=float(l2),
+              reference=lambda a, f: tuple(np.asarray(x) if i else _flat(x)
+                                           for i, x in enumerate(reference(params, a, f))), step=step)
+
+
+def _rel(a, b):
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_vppo_step_equals_whole_batch_reference_for_any_micro_batch_split(vppo_case):
+  """The step's gradient is papo_loss's on all rows with factors normalised over all rows, for M=1 and
+  M=2; factors normalised per micro-batch, or with a sign/scale error, would be told apart."""
+  case = vppo_case
+  one = case["one"]
+  fac = sequence_factors(case["cfg"].loss, one.old_logp, one.mask_logp, one.response_mask)
+  adv_s, gam_f = np.asarray(fac["adv_scale"][0]), np.asarray(fac["gamma_factor"][0])
+  assert np.ptp(adv_s) > 0.05 and np.ptp(gam_f) > 0.3   # the factors are not trivially 1
+  g_ref, l_ref = case["reference"](adv_s, gam_f)
+  tol = 1e-5
+  assert _rel(case["g1"], g_ref) < tol and _rel(case["g2"], g_ref) < tol
+  np.testing.assert_allclose([case["l1"], case["l2"]], float(l_ref), rtol=1e-5)
+  # What the check would catch: each micro-batch normalising its own rows ...
+  two = case["two"]
+  per_micro = [sequence_factors(case["cfg"].loss, two.old_logp[i], two.mask_logp[i], two.response_mask[i])
+               for i in range(2)]
+  g_pm, _ = case["reference"](*(np.concatenate([f[k] for f in per_micro]) for k in ("adv_scale", "gamma_factor")))
+  assert _rel(g_pm, g_ref) > 100 * tol
+  # ... the advantage scale mirrored about 1 or stretched, the gamma factor scaled.
+  for a, f in ((2.0 - adv_s, gam_f), (1.0 + 1.5 * (adv_s - 1.0), gam_f), (adv_s, 1.5 * gam_f)):
+    assert _rel(case["reference"](a, f)[0], g_ref) > 100 * tol
+
+
+def test_vppo_terms_reach_the_step_gradient(vppo_case, setup):
+  """The advantage scale and the adaptive gamma factor move the step's gradient (it equals the reference
+  with them, which differs from the reference with factors 1), and so does the token mask."""
+  case = vppo_case
+  ones = np.ones(8, np.float32)
+  one = case["one"]
+  fac = sequence_factors(case["cfg"].loss, one.old_logp, one.mask_logp, one.response_mask)
+  g_ref, _ = case["reference"](np.asarray(fac["adv_scale"][0]), np.asarray(fac["gamma_factor"][0]))
+  assert _rel(case["reference"](ones, np.asarray(fac["gamma_factor"][0]))[0], g_ref) > 1e-3   # adv_scale_min
+  assert _rel(case["reference"](np.asarray(fac["adv_scale"][0]), ones)[0], g_ref) > 1e-3      # adaptive_gamma
+  no_mask = StepConfig(loss=LossConfig(**{**VPPO_KW, "vppo_top_frac": None}), logprob_chunk=4)
+  g_nm, _, _ = case["step"](no_mask, one)
+  assert _rel(_flat(g_nm), case["g1"]) > 1e-3                                                 # top_frac
+  m = case["m1"]
+  assert 0.4 <= float(m["vppo/token_frac"]) < 0.7 and float(m["papo/gamma_factor_mean"]) > 0
+  assert abs(float(m["vppo/adv_scale_mean"]) - 1.0) < 0.2
+
+
+def test_vppo_factors_need_the_logprob_pass(setup):
+  """Whole-batch factors without precomputed log-probs are refused; the token mask alone runs fused."""
+  model, graphdef, params, ref_params = setup
+  batch = build_batch(model, ROWS, GRIDS, micro=1, n=2, seed=12)
+  for kw in (dict(vppo_adv_scale_min=0.9), dict(gamma=0.02, adaptive_gamma=True, group_size=2)):
+    cfg = StepConfig(loss=LossConfig(**kw), logprob_chunk=4)
+    assert cfg.needs_mask and cfg.needs_logprob_pass
+    with pytest.raises(ValueError, match="make_logprob_pass"):
+      jax.eval_shape(make_grad_fn(graphdef, cfg), params, None, batch)
+  cfg = StepConfig(loss=LossConfig(vppo_top_frac=0.4), logprob_chunk=4)
+  assert cfg.needs_mask and not cfg.needs_logprob_pass
+  assert not StepConfig(loss=LossConfig()).needs_mask

@@ -282,6 +282,26 @@ def test_vppo_loss_against_reference(kw):
     assert 0.4 <= float(met['vppo/token_frac']) < 0.5
 
 
+def test_zero_gamma_at_run_time_adds_no_perception_term():
+  """VPPO without PAPO reads the masked log-probs for the dependency only: with gamma a traced 0
+  (the train step's runtime scalar) value and gradient equal those of the term left out."""
+  inp = make_inputs(10)
+  cfg = losses.LossConfig(**VPPO_7B)   # gamma 0
+
+  def value_and_grad(gamma):
+    f = lambda lp, g: losses.papo_loss(lp, inp['old'], None, inp['mask_lp'], inp['adv'], inp['m'], cfg, gamma=g)[0]
+    if gamma is None:   # a static 0: the perception term is not in the graph
+      return jax.jit(jax.value_and_grad(lambda lp: f(lp, 0.0)))(jnp.asarray(inp['lp']))
+    return jax.jit(jax.value_and_grad(f))(jnp.asarray(inp['lp']), jnp.float32(gamma))
+
+  (l_t, g_t), (l_s, g_s) = value_and_grad(0.0), value_and_grad(None)
+  assert float(l_t) == float(l_s)
+  np.testing.assert_array_equal(np.asarray(g_t), np.asarray(g_s))
+  assert abs(float(l_t) - ref_vppo_loss(inp, cfg)) <= TOL
+  l_on, g_on = value_and_grad(0.02)   # and the same program does add it when gamma is not 0
+  assert float(l_on) < float(l_t) and np.abs(np.asarray(g_on) - np.asarray(g_t)).max() > 1e-6
+
+
 def test_vppo_explicit_dependency_and_full_kl_option():
   inp = make_inputs(6)
   dep = np.float32(np.random.default_rng(6).exponential(0.2, size=(B, T)))

@@ -1,14 +1,19 @@
-"""Train-step cost of GRPO vs PAPO on the same batch, side by side.
+"""Train-step cost of GRPO, PAPO and VPPO on the same batch, side by side.
 
     python -m papo_jax.rl.bench                      # CPU, 'small' model shape
     python -m papo_jax.rl.bench --preset=3b --rows=16 --prompt=1024 --response=1024 --peak_tflops=989
 
 PAPO adds the masked-image forward (batch-concatenated with the original); with
-mask_grad=False that half carries no gradient, so its backward is skipped.
+mask_grad=False that half carries no gradient, so its backward is skipped. VPPO's
+advantage scale is normalised over the whole update batch, so its step reads old and
+masked log-probs from the log-prob pass (``StepConfig.needs_logprob_pass``), which runs
+even with one mini-batch per step; its time counts pass + update. NoisyRollout changes
+only the rollouts (half of them on noisy images); its update is GRPO's step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -18,11 +23,13 @@ from absl import app, flags
 from flax import nnx
 
 from papo_jax.bench import model_flops_per_token, preset_config
+from papo_jax.config_base import apply_variant, base_config, step_config
 from papo_jax.models import from_hf_dict, init_model
 from papo_jax.models.tiny import TEST_TOKEN_IDS, tiny_hf_dict
 from papo_jax.rl import batching
 from papo_jax.rl.losses import LossConfig
-from papo_jax.rl.train_step import StepConfig, TrainBatch, init_train_state, make_optimizer, make_train_step
+from papo_jax.rl.train_step import (StepConfig, TrainBatch, init_train_state, make_logprob_pass, make_optimizer,
+                                    make_train_step)
 
 FLAGS = flags.FLAGS
 # --preset, --image_side, --iters, --peak_tflops come from papo_jax.bench.
@@ -67,35 +74,52 @@ def main(argv):
   batch = TrainBatch(**{k: jnp.asarray(v) for k, v in
                         batching.assemble_train_batch(groups, micro_batches=1, pad_id=0).items()})
   tx = make_optimizer(1e-6)
+
+  def variant(name):   # the trainer's step switches for a config variant (papo_jax/config_base.py)
+    return dataclasses.replace(step_config(apply_variant(base_config(), name)), logprob_chunk=StepConfig.logprob_chunk)
+
   variants = [
       ("GRPO (beta 0.01)", StepConfig(loss=LossConfig(beta=0.01))),
       ("PAPO-G (gamma 0.02), mask_grad=False", StepConfig(loss=LossConfig(beta=0.01, gamma=0.02))),
       ("PAPO-G + eta 0.05, mask_grad=True", StepConfig(loss=LossConfig(beta=0.01, gamma=0.02, eta_ori=0.05,
                                                                         eta_mask=0.05), mask_grad=True)),
+      ("VPPO (variant vppo)", variant("vppo")),
+      ("PAPO-G + VPPO (variant papo_vppo)", variant("papo_vppo")),
   ]
   tokens = FLAGS.rows * (FLAGS.prompt + FLAGS.response)
   flops = model_flops_per_token(cfg, FLAGS.prompt + FLAGS.response) * tokens
   rows = []
   for name, sc in variants:
     step = jax.jit(make_train_step(graphdef, tx, sc), donate_argnums=(0,))
+    logprob_pass = jax.jit(make_logprob_pass(graphdef, sc)) if sc.needs_logprob_pass else None
+
+    def update(state):
+      if logprob_pass is None:
+        return step(state, ref, batch)
+      old, masked, ref_lp = logprob_pass(state.params, ref, batch)
+      return step(state, None, batch.replace(old_logp=old, mask_logp=masked, ref_logp=ref_lp))
+
     state = init_train_state(jax.tree.map(jnp.copy, params), tx)  # the step donates its state
     t0 = time.perf_counter()
-    state, m = step(state, ref, batch)
+    state, m = update(state)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(FLAGS.iters):
-      state, m = step(state, ref, batch)
+      state, m = update(state)
     jax.block_until_ready(m)
     t = (time.perf_counter() - t0) / FLAGS.iters
     mfu = flops / t / 1e12 / FLAGS.peak_tflops if FLAGS.peak_tflops else float("nan")
-    rows.append((name, compile_s, t, tokens / t, mfu))
+    rows.append((name, logprob_pass is not None, compile_s, t, tokens / t, mfu))
   print(f"\npreset={FLAGS.preset} dtype={dtype} rows={FLAGS.rows} prompt={FLAGS.prompt} response={FLAGS.response} "
         f"image={FLAGS.image_side}px devices={jax.devices()[0].platform}x{jax.device_count()}")
-  print(f"{'variant':<40} {'compile s':>10} {'step s':>9} {'tokens/s':>10} {'vs GRPO':>8} {'MFU(policy)':>11}")
-  for name, c, t, tps, mfu in rows:
-    print(f"{name:<40} {c:>10.2f} {t:>9.3f} {tps:>10.0f} {t / rows[0][2]:>7.2f}x {mfu:>11.1%}")
-
+  print(f"{'variant':<40} {'pass':>4} {'compile s':>10} {'step s':>9} {'tokens/s':>10} {'vs GRPO':>8} "
+        f"{'MFU(policy)':>11}")
+  for name, with_pass, c, t, tps, mfu in rows:
+    print(f"{name:<40} {'yes' if with_pass else 'no':>4} {c:>10.2f} {t:>9.3f} {tps:>10.0f} {t / rows[0][3]:>7.2f}x "
+          f"{mfu:>11.1%}")
+  print("pass: the step includes the log-prob pass (old + masked [+ ref] log-probs; with optim.mini_batches > 1 "
+        "every variant runs it). NoisyRollout: GRPO's step (only its rollouts differ).")
 
 if __name__ == "__main__":
   app.run(main)

@@ -126,6 +126,13 @@ class LossConfig:
     return (self.vppo_top_frac is not None or self.vppo_adv_scale_min is not None
             or self.adaptive_gamma)
 
+  @property
+  def needs_sequence_factors(self) -> bool:
+    """True when the loss takes per-sequence factors normalised over a whole update batch
+    (`sequence_factors`: VPPO's advantage scale, adaptive gamma); the top-fraction token
+    mask alone is per sequence and needs none."""
+    return self.vppo_adv_scale_min is not None or self.adaptive_gamma
+
 
 # ----------------------------------------------------------------------------------
 # Building blocks.
@@ -292,7 +299,7 @@ def sequence_factors(cfg: LossConfig, old_logp: Array | None, mask_logp: Array |
   `papo_loss` slice by slice (normalising over micro-batches would make the result
   depend on the micro-batch size). Empty when no option is on.
   """
-  if not (cfg.vppo_adv_scale_min is not None or cfg.adaptive_gamma):
+  if not cfg.needs_sequence_factors:
     return {}
   m = jnp.asarray(response_mask, jnp.float32)
   lead = m.shape[:-1]

@@ -13,6 +13,12 @@ One XLA program per bucket shape takes a batch of pre-sampled rollouts and:
 3. computes the PAPO loss, its gradient, global-norm clipping and the optax update,
    skipping the update when the gradient is not finite.
 
+Per-sequence factors that are normalised over the whole update batch (VPPO's advantage
+scale, adaptive gamma; ``losses.sequence_factors``) are computed once from the batch's
+precomputed old and masked-image log-probs before the micro-batch scan, and each
+micro-batch's loss takes its slice, so the update does not depend on the micro-batch
+size. Those log-probs come from :func:`make_logprob_pass` (``StepConfig.needs_logprob_pass``).
+
 Sequences are laid out as ``[prompt (Lp, left padded) | response (T, right padded)]``.
 Every array of a :class:`TrainBatch` has a leading micro-batch axis M; micro-batches are
 accumulated with ``lax.scan`` so memory is bounded by one micro-batch, and each
@@ -32,7 +38,7 @@ import optax
 from flax import nnx
 
 from papo_jax.models.vision import SharedImages
-from papo_jax.rl.losses import LossConfig, papo_loss
+from papo_jax.rl.losses import LossConfig, papo_loss, sequence_factors
 
 Array = jax.Array
 
@@ -88,10 +94,11 @@ class TrainState:
   opt_state: Any
 
 
-def needs_masked_images(gamma: float, eta_mask: float) -> bool:
-  """The one rule: masked-image log-probs enter the loss iff the perception KL (gamma) or the
-  masked entropy (eta_mask) is on. Masking in the data pipeline must follow it too."""
-  return gamma != 0.0 or eta_mask != 0.0
+def needs_masked_images(gamma: float, eta_mask: float, dependency: bool = False) -> bool:
+  """The one rule: masked-image log-probs enter the loss iff the perception KL (gamma), the
+  masked entropy (eta_mask) or the visual dependency (``LossConfig.needs_dependency``: VPPO,
+  adaptive gamma) is on. Masking in the data pipeline must follow it too."""
+  return gamma != 0.0 or eta_mask != 0.0 or bool(dependency)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +110,14 @@ class StepConfig:
 
   @property
   def needs_mask(self) -> bool:
-    return needs_masked_images(self.loss.gamma, self.loss.eta_mask)
+    return needs_masked_images(self.loss.gamma, self.loss.eta_mask, self.loss.needs_dependency)
+
+  @property
+  def needs_logprob_pass(self) -> bool:
+    """The step needs the batch's old and masked log-probs before its first micro-batch
+    (whole-batch sequence factors), so the trainer runs :func:`make_logprob_pass` even with
+    one mini-batch per step."""
+    return self.loss.needs_sequence_factors
 
   @property
   def needs_ref(self) -> bool:
@@ -246,15 +260,33 @@ def masked_path(cfg: StepConfig, micro: TrainBatch) -> str:
 # -- the step -------------------------------------------------------------------------------
 
 
+def whole_batch_factors(cfg: StepConfig, batch: TrainBatch) -> dict[str, Array]:
+  """``losses.sequence_factors`` over all [M, B] rows of the update ({} when the loss takes none).
+
+  Normalising per micro-batch would make the update depend on the micro-batch size, so
+  the factors come from the precomputed log-probs of the whole batch, no gradient.
+  """
+  if not cfg.loss.needs_sequence_factors:
+    return {}
+  if batch.old_logp is None or batch.mask_logp is None:
+    missing = [k for k in ("old_logp", "mask_logp") if getattr(batch, k) is None]
+    raise ValueError(
+        f"train step: VPPO's advantage scale / adaptive gamma are normalised over the whole update batch "
+        f"and need its precomputed old and masked-image log-probs, but the batch has no {' or '.join(missing)}; "
+        "run make_logprob_pass first (StepConfig.needs_logprob_pass)")
+  return jax.lax.stop_gradient(sequence_factors(cfg.loss, batch.old_logp, batch.mask_logp, batch.response_mask))
+
+
 def make_grad_fn(graphdef, cfg: StepConfig) -> Callable:
   """``grad_fn(params, ref_params, batch, gamma, entropy_scale) -> (grads, loss, metrics)``.
 
   Gradients are accumulated over the micro-batch axis with ``lax.scan``; each
   micro-batch's loss is weighted by its share of response tokens (sequences for
-  'seq_mean_token_mean'), so the result equals the whole batch's.
+  'seq_mean_token_mean'), and per-sequence factors are normalised over all M x B rows
+  before the scan, so the result equals the whole batch's.
   """
 
-  def micro_loss(params, ref_params, micro: TrainBatch, weight, gamma, entropy_scale):
+  def micro_loss(params, ref_params, micro: TrainBatch, weight, gamma, entropy_scale, factors):
     model = nnx.merge(graphdef, params)
     path = masked_path(cfg, micro)
     lp, lp_mask = micro_logprobs(cfg, model, micro, with_mask=path == "joint")
@@ -269,7 +301,8 @@ def make_grad_fn(graphdef, cfg: StepConfig) -> Callable:
         lp_ref = jax.lax.stop_gradient(micro_logprobs(cfg, ref, micro, with_mask=False)[0])
     lp_old = jax.lax.stop_gradient(lp) if micro.old_logp is None else micro.old_logp
     loss, metrics = papo_loss(lp, lp_old, lp_ref, lp_mask, micro.advantages, micro.response_mask, cfg.loss,
-                              gamma=gamma, entropy_scale=entropy_scale)
+                              gamma=gamma, entropy_scale=entropy_scale, adv_scale_B=factors.get("adv_scale"),
+                              gamma_factor_B=factors.get("gamma_factor"))
     return loss * weight, jax.tree.map(lambda m: m * weight, metrics)
 
   value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
@@ -282,6 +315,7 @@ def make_grad_fn(graphdef, cfg: StepConfig) -> Callable:
     else:
       rows = (m.sum(-1) > 0).astype(jnp.float32)
       share = rows.sum(-1) / jnp.maximum(rows.sum(), 1.0)
+    factors = whole_batch_factors(cfg, batch)   # {name: [M, B]}
 
     def body(carry, i):
       g_acc, l_acc = carry
@@ -289,7 +323,8 @@ def make_grad_fn(graphdef, cfg: StepConfig) -> Callable:
       if masked_path(cfg, micro) == "forward":
         micro = micro.replace(mask_logp=jax.lax.stop_gradient(
             masked_image_logp(cfg, nnx.merge(graphdef, params), micro)))
-      (loss, metrics), g = value_and_grad(params, ref_params, micro, share[i], gamma, entropy_scale)
+      (loss, metrics), g = value_and_grad(params, ref_params, micro, share[i], gamma, entropy_scale,
+                                          jax.tree.map(lambda a: a[i], factors))
       # Metrics leave the scan stacked per micro-batch (no initial value, so no extra trace).
       return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss), metrics
 
@@ -330,7 +365,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig)
 def make_logprob_pass(graphdef, cfg: StepConfig) -> Callable:
   """``fn(params, ref_params, batch) -> (old_logp, mask_logp | None, ref_logp | None)`` [M, B, T], no gradient.
 
-  The one fused no-grad pass that precedes several mini-batch updates per step.
+  The one fused no-grad pass that precedes several mini-batch updates per step, or the
+  update whose loss takes whole-batch sequence factors (``StepConfig.needs_logprob_pass``).
   """
 
   def fn(params, ref_params, batch: TrainBatch):
