@@ -89,7 +89,8 @@ def token_strings(decode: Callable[[list], str], ids) -> list[str]:
 
   Byte-level BPE can split one character over several tokens; those decode alone to
   U+FFFD, so such a token shows "" and the token that completes the character carries it
-  (a UTF-8 character spans at most 4 tokens).
+  (a UTF-8 character spans at most 4 tokens). Bytes that no later token completes keep
+  their U+FFFD on the last of them.
   """
   ids = [int(i) for i in ids]
   out, start = [], 0
@@ -98,6 +99,11 @@ def token_strings(decode: Callable[[list], str], ids) -> list[str]:
     if text.endswith("\ufffd") and i + 1 < len(ids) and i + 1 - start < 4:
       out.append("")
       continue
+    if i > start:   # pending bytes: did token i complete them?
+      head, own = decode(ids[start:i]), decode(ids[i:i + 1])
+      if head + own == text:
+        out[-1] = head
+        text = own
     out.append(text)
     start = i + 1
   return out

@@ -184,6 +184,11 @@ def test_token_strings_join_to_the_decoded_text(tmp_path):
   assert len(pieces) == len(ids) and "".join(pieces) == decode(ids) == text
   assert "\ufffd" not in "".join(pieces) and "" in pieces      # some characters span several tokens
   assert pieces[-1] == "<|im_end|>"
+  # a lone continuation byte (no character to complete) keeps its U+FFFD; the next token its own text
+  lead, cont = tok.encode("é", add_special_tokens=False)    # two byte tokens in this vocabulary
+  red = tok.encode(" red", add_special_tokens=False)
+  pieces = D.token_strings(decode, [cont] + red + [lead, cont])
+  assert pieces == ["\ufffd", *[decode([t]) for t in red], "", "é"], pieces
 
 
 def test_dependency_histogram_against_a_loop():
