@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging as py_logging
 import os
+import re
 import sys
 
 import jax
@@ -159,6 +160,7 @@ class MetricWriter:
     self.jsonl = self.samples = self.tb = self.tb_mirror = self.wandb = None
     self.flush_every_s = flush_every_s
     self._last_tb_sync = 0.0
+    self.workdir = workdir
     self.metrics_path = workdir_lib.join(workdir, "metrics.jsonl")
     self.samples_path = workdir_lib.join(workdir, "samples.jsonl")
     self.tb_dir = workdir_lib.join(workdir, "tb") if c.log.tensorboard else None
@@ -201,14 +203,28 @@ class MetricWriter:
     if self.wandb is not None:
       self.wandb.log(row, step=step)
 
-  def write_samples(self, step: int, samples: list[dict]) -> None:
-    """Rows ``{step, prompt, answer, response, reward/...}`` to samples.jsonl and as TensorBoard text."""
+  def write_samples(self, step: int, samples: list[dict], perception=None) -> None:
+    """Rows ``{step, prompt, answer, response, reward/...}`` to samples.jsonl and as TensorBoard text.
+
+    With a :class:`papo_jax.diagnostics.Perception` (masked copies on) the rows also carry
+    each token's visual dependency, and ``samples/step_<N>/`` gets the logged prompts'
+    images, their masked copies and the batch's dependency histogram (``diagnostics``).
+    """
     if not self.active or not samples:
       return
+    hist = None
+    if perception is not None:
+      from papo_jax import diagnostics
+      samples = diagnostics.annotate_samples(samples, perception, step)
+      hist = diagnostics.write_step_files(self.workdir, step, samples, perception)
     for s in samples:
       self.samples.write({"step": step, **s})
     if self.tb is not None:
       self.tb.add_text("samples", samples_markdown(samples), step)
+      if hist is not None and hist["tokens"]:
+        from papo_jax.diagnostics import response_mask_rows
+        self.tb.add_histogram("perception/dependency", perception.dependency_RxT[
+            response_mask_rows(perception.groups)], step)
       self._flush_tb()
 
   def close(self):
@@ -229,11 +245,36 @@ def pick_samples(rows: list[tuple[str, str, str]], rewards: dict[str, np.ndarray
           for i, (prompt, answer, response) in enumerate(rows[:count])]
 
 
+def _md_escape(text: str) -> str:
+  return re.sub(r"([\\`*_{}\[\]()#+!|<>~])", r"\\\1", text).replace("\n", " ")
+
+
+def marked_response(tokens: list[str], top: list[int]) -> str:
+  """Markdown of a response with its ``top`` tokens in **bold** (whitespace kept outside the marks)."""
+  top = set(top)
+  parts = []
+  for i, tok in enumerate(tokens):
+    text = _md_escape(tok)
+    core = text.strip()
+    if i in top and core:
+      lead, trail = text[:len(text) - len(text.lstrip())], text[len(text.rstrip()):]
+      text = f"{lead}**{core}**{trail}"
+    parts.append(text)
+  return "".join(parts)
+
+
 def samples_markdown(samples: list[dict]) -> str:
-  rows = ["| answer | reward/overall | response |", "|---|---|---|"]
+  """The samples as a markdown table; with per-token dependency, the top tokens in bold."""
+  perception = any("tokens" in s for s in samples)
+  rows = ["| answer | reward/overall | response |" + (" mean dependency |" if perception else ""),
+          "|---|---|---|" + ("---|" if perception else "")]
   for s in samples:
-    resp = s["response"].replace("|", "\\|").replace("\n", " ")
-    rows.append(f"| {s['answer']} | {s.get('reward/overall', float('nan')):.2f} | `{resp}` |")
+    if "tokens" in s:
+      resp = marked_response(s["tokens"], [t["index"] for t in s.get("top_tokens", [])])
+    else:
+      resp = "`" + s["response"].replace("|", "\\|").replace("\n", " ") + "`"
+    dep = f" {s['dependency_mean']:.3g} |" if "dependency_mean" in s else (" |" if perception else "")
+    rows.append(f"| {s['answer']} | {s.get('reward/overall', float('nan')):.2f} | {resp} |{dep}")
   return "\n".join(rows)
 
 
@@ -328,12 +369,19 @@ def summary(*, workdir: str, ckpt_dir: str, steps_done: int, total_steps: int, s
   return "\n".join(lines)
 
 
-def log_step(writer: MetricWriter, c, step: int, metrics: dict, samples: list, rewards: dict, bar=None) -> None:
+def is_sample_step(c, step: int) -> bool:
+  """Whether finished step ``step`` logs samples (every ``log.samples_every`` steps)."""
+  return bool(c.log.samples_every and c.log.samples_per_step and step % c.log.samples_every == 0)
+
+
+def log_step(writer: MetricWriter, c, step: int, metrics: dict, samples: list, rewards: dict, bar=None,
+             perception=None) -> None:
   """One finished step's records: metrics.jsonl/TensorBoard, a few samples every
-  ``log.samples_every`` steps, and the console line above the progress bar (process 0)."""
+  ``log.samples_every`` steps (with ``perception``: their per-token visual dependency, see
+  :mod:`papo_jax.diagnostics`), and the console line above the progress bar (process 0)."""
   writer.write(step, metrics)
-  if c.log.samples_every and step % c.log.samples_every == 0:
-    writer.write_samples(step, pick_samples(samples, rewards, c.log.samples_per_step))
+  if is_sample_step(c, step):
+    writer.write_samples(step, pick_samples(samples, rewards, c.log.samples_per_step), perception)
   if writer.active and step % c.log.every == 0:
     if bar is not None:
       bar.set_postfix(bar_postfix(metrics))

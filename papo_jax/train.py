@@ -142,8 +142,14 @@ def collect_groups(run: Run, params, step: int) -> Collected:
 # Update: advantages -> log-prob pass -> one optimizer update per mini-batch
 # ============================================================================================
 
-def update(run: Run, state, ref_params, col: Collected, gamma: float, entropy_scale: float):
-  """Returns (state, per-update metrics, rewards, timing)."""
+def update(run: Run, state, ref_params, col: Collected, gamma: float, entropy_scale: float,
+           sample_step: bool = False):
+  """Returns (state, per-update metrics, rewards, timing, perception).
+
+  ``perception``: on a sample step with masked copies, the visual dependency of every
+  response token under the pre-update policy (:mod:`papo_jax.diagnostics`); else None.
+  """
+  from papo_jax import diagnostics
   from papo_jax.rl import advantages as adv_lib
   from papo_jax.rl import batching
   from papo_jax.rl.train_step import TrainBatch
@@ -168,6 +174,7 @@ def update(run: Run, state, ref_params, col: Collected, gamma: float, entropy_sc
     jax.block_until_ready(logps[0])
     timing["timing/logprobs"] = time.perf_counter() - t_logp
     batch = batch.replace(old_logp=logps[0], mask_logp=logps[1], ref_logp=logps[2])
+  perception = diagnostics.step_perception(run, state.params, batch, col.groups, sample_step)   # before donation
   g, s, per = jnp.float32(gamma), jnp.float32(entropy_scale), batch.input_ids.shape[0] // mini
   step_metrics = []
   with use_mesh_rules(run.mesh, run.rules):   # one optimizer update per mini-batch (micro-batches accumulate inside)
@@ -177,7 +184,7 @@ def update(run: Run, state, ref_params, col: Collected, gamma: float, entropy_sc
       step_metrics.append(m)
   step_metrics = to_host(step_metrics)
   timing["timing/update"] = time.perf_counter() - t0
-  return state, step_metrics, rewards, timing
+  return state, step_metrics, rewards, timing, perception
 
 
 # ============================================================================================
@@ -308,14 +315,15 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
       t0 = time.perf_counter()
       terms = perception_terms(c, step, monitor.gamma_halvings)
       col = collect_groups(run, state.params, step)
-      state, step_metrics, rewards, timing = update(run, state, ref_params, col, terms.gamma, terms.entropy_scale)
+      state, step_metrics, rewards, timing, perception = update(
+          run, state, ref_params, col, terms.gamma, terms.entropy_scale, metrics_lib.is_sample_step(c, step + 1))
       metrics = metrics_lib.step_row(step_metrics, rewards, col.groups, {**timing, "dapo/rounds": col.rounds},
                                      col.stats, c, terms.gamma, time.perf_counter() - t0)
       if monitor.should_stop(step + 1, metrics):
         monitor_stop = True
         break
       metrics.update(validate(state.params, step + 1) if validate else {})
-      metrics_lib.log_step(writer, c, step + 1, metrics, col.samples, rewards, bar)
+      metrics_lib.log_step(writer, c, step + 1, metrics, col.samples, rewards, bar, perception)
       # -------------------------------------------------------------- checkpoint
       saved = (step + 1) % c.checkpoint.every == 0 or step + 1 == c.train.steps
       if saved:

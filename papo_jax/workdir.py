@@ -82,6 +82,26 @@ def write_text(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes ``data`` whole (a PNG, ...); local parents are created, a kill never leaves half a file."""
+  if is_url(path):
+    with open_file(path, "wb") as f:
+      f.write(data)
+    return
+  path = _local(path)
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_")
+  with os.fdopen(fd, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def read_bytes(path: str) -> bytes:
+  with open_file(path, "rb") as f:
+    return f.read()
+
+
 def read_jsonl(path: str) -> list[dict]:
   """The rows of a JSON-lines file (none when it does not exist)."""
   if not exists(path):

@@ -47,6 +47,11 @@ def _metrics(workdir, *, with_initial_validation=False):
   return rows if with_initial_validation else [r for r in rows if r["step"] >= 1]
 
 
+def _samples(workdir):
+  with open(os.path.join(workdir, "samples.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
 SMALL = ("--config.train.steps=12", "--config.train.warmup_sft_steps=2", "--config.checkpoint.every=2",
          "--config.data.batch_size=4", "--config.rollout.n=2")
 
@@ -182,13 +187,14 @@ def test_a_workdir_url_orbax_cannot_write_needs_a_checkpoint_dir(tmp_path):
 @pytest.mark.slow
 def test_rewards_graded_during_logprob_pass_give_the_same_run(tmp_path):
   """Grading in the background while the log-prob pass runs changes timing only, not results."""
-  runs = {}
+  runs, samples = {}, {}
   for overlap in (True, False):
     wd = str(tmp_path / f"overlap_{overlap}")
     r = _run(wd, *SMALL, "--config.train.steps=3", "--config.optim.mini_batches=2", "--config.val.every=0",
-             f"--config.reward.overlap={overlap}")
+             f"--config.reward.overlap={overlap}", "--config.log.samples_every=1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     runs[overlap] = (_final_params(wd), _metrics(wd))
+    samples[overlap] = _samples(wd)
   (step_a, a), m_a = runs[True]
   (step_b, b), m_b = runs[False]
   assert step_a == step_b == 3
@@ -196,6 +202,9 @@ def test_rewards_graded_during_logprob_pass_give_the_same_run(tmp_path):
     np.testing.assert_array_equal(x, y)
   assert all("timing/reward_exposed" in m for m in m_a) and not any("timing/reward_exposed" in m for m in m_b)
   assert [m["reward/overall"] for m in m_a] == [m["reward/overall"] for m in m_b]
+  # the samples' visual dependency here comes from the log-prob pass (two mini-batches)
+  assert samples[True] == samples[False] and sorted({r["step"] for r in samples[True]}) == [1, 2, 3]
+  assert all(len(r["dependency"]) == len(r["tokens"]) >= 1 for r in samples[True])
 
 
 @pytest.mark.slow
@@ -309,6 +318,35 @@ def test_workdir_on_a_url(tmp_path, monkeypatch):
     assert T.train(c, url) == rows[-1]                      # a rerun of the finished run reads the rows back
   finally:
     fsspec.filesystem("memory").rm(url.split("://")[1], recursive=True)
+
+
+@pytest.mark.slow
+def test_samples_carry_visual_dependency_and_inspect_renders(uninterrupted, tmp_path):
+  """PAPO-G with one mini-batch: each sample step runs the masked log-prob pass, so the logged rows carry
+  every response token's visual dependency, the step's images and histogram are written, and
+  `python -m papo_jax.inspect` renders the last step."""
+  from PIL import Image
+  rows = _samples(uninterrupted)
+  assert sorted({r["step"] for r in rows}) == [4, 8, 12]
+  for r in rows:
+    assert len(r["tokens"]) == len(r["dependency"]) >= 1
+    assert all(0.0 <= d <= 10.0 for d in r["dependency"])
+    assert "".join(r["tokens"]).startswith(r["response"])   # the tokens' text, the stop token included
+    assert [t["index"] for t in r["top_tokens"]] == sorted(range(len(r["dependency"])),
+                                                            key=lambda i: -r["dependency"][i])[:len(r["top_tokens"])]
+    image = np.asarray(Image.open(os.path.join(uninterrupted, r["images"][0]["image"])))
+    masked = np.asarray(Image.open(os.path.join(uninterrupted, r["images"][0]["masked"])))
+    assert image.shape == masked.shape == (112, 112, 3) and (masked == 0).all(-1).sum() > (image == 0).all(-1).sum()
+  assert any(d > 0 for r in rows for d in r["dependency"])      # the masked image changes the policy
+  for step in (4, 8, 12):
+    hist = json.load(open(os.path.join(uninterrupted, "samples", f"step_{step}", "dependency.json")))
+    assert sum(hist["counts"]) == hist["tokens"] > 0
+  out = tmp_path / "pages"
+  r = subprocess.run([sys.executable, "-m", "papo_jax.inspect", f"--workdir={uninterrupted}", f"--out={out}"],
+                     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0 and r.stdout.strip() == str(out / "index.html"), r.stderr[-2000:]
+  assert "step 12" in (out / "index.html").read_text() and "<svg" in (out / "index.html").read_text()
+  assert 'class="tok' in (out / "sample_0.html").read_text()
 
 
 @pytest.mark.slow
