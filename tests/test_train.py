@@ -208,6 +208,7 @@ def test_rewards_graded_during_logprob_pass_give_the_same_run(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("uninterrupted")
 def test_sigkill_mid_run_resumes_bit_exact(uninterrupted, tmp_path):
   wd = str(tmp_path / "killed")
   p = _run(wd, *SMALL, wait=False)
@@ -249,6 +250,7 @@ def _compared(row):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("uninterrupted")
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_bit_exact(uninterrupted, tmp_path):
   """A preempted VM's SIGTERM: exit 0 with a checkpoint of the finished step; the rerun computes each
   remaining step once and ends where the uninterrupted run ends (metrics and parameters bit-exact)."""
@@ -321,6 +323,7 @@ def test_workdir_on_a_url(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("uninterrupted")
 def test_samples_carry_visual_dependency_and_inspect_renders(uninterrupted, tmp_path):
   """PAPO-G with one mini-batch: each sample step runs the masked log-prob pass, so the logged rows carry
   every response token's visual dependency, the step's images and histogram are written, and
@@ -350,6 +353,7 @@ def test_samples_carry_visual_dependency_and_inspect_renders(uninterrupted, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("uninterrupted")
 def test_export_loads_in_transformers_with_same_logits(uninterrupted, tmp_path):
   torch = pytest.importorskip("torch")
   import jax.numpy as jnp
@@ -395,6 +399,7 @@ def test_tiny_demo_learns(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("uninterrupted")
 def test_eval_reads_a_training_workdir(uninterrupted, tmp_path):
   """`papo_jax.eval --checkpoint=<workdir>` evaluates the latest training step (the same params)."""
   from hf_utils import write_geometry3k
