@@ -56,6 +56,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 GiB = 2 ** 30
+HLO_DIR = ""   # --hlo_dir: where compiled modules are written as text
 
 # ============================================================================================
 # Hardware
@@ -413,6 +414,35 @@ def hlo_cost(text: str) -> tuple[float, float]:
   return cost(entry, False)
 
 
+def gathered_outside_loops(text: str) -> tuple[float, float]:
+  """(bytes all-gathered outside every while loop, bytes all-gathered inside one, per execution of
+  the gather). Under FSDP a weight gathered inside the micro-batch loop lives for one micro-batch;
+  one gathered before it (hoisted as loop-invariant) stays live across the whole scan."""
+  comps, _ = parse_hlo(text)
+  reach: dict[str, set] = {c: set() for c in comps}
+  for c, ins in comps.items():
+    for *_, attrs in ins:
+      reach[c] |= set(re.findall(r"(?:calls|to_apply|body|condition)=%([^\s,]+)", attrs))
+      m = re.search(r"branch_computations=\{([^}]*)\}", attrs)
+      if m:
+        reach[c] |= set(re.findall(r"%([^\s,{}]+)", m.group(1)))
+  stack = [re.search(r"body=%([^\s,]+)", attrs).group(1) for ins in comps.values()
+           for _, _, op, _, attrs in ins if op == "while" and "body=%" in attrs]
+  in_loop: set = set()
+  while stack:
+    c = stack.pop()
+    if c not in in_loop:
+      in_loop.add(c)
+      stack += list(reach.get(c, ()))
+  outside = inside = 0.0
+  for c, ins in comps.items():
+    for _, shape, op, _, _ in ins:
+      if op in ("all-gather", "all-gather-start"):
+        b = max(_shape_bytes(f"{d}[{n}]") for d, n in _SHAPE.findall(shape))   # start: (operand, result)
+        inside, outside = (inside + b, outside) if c in in_loop else (inside, outside + b)
+  return outside, inside
+
+
 # ============================================================================================
 # Reports
 # ============================================================================================
@@ -435,6 +465,7 @@ class Report:
   hbm_bytes: float          # HBM traffic x trip counts
   hint: str = ""
   note: str = ""
+  gathered_outside_loops: float = 0.0   # all-gather output bytes outside while loops (hoisted FSDP weights)
 
   @property
   def peak_bytes(self) -> float:
@@ -477,6 +508,9 @@ def format_report(r: Report, dev: Chip) -> str:
       f"(analytic) {r.kernel_flops:.3e} | model (analytic) {r.model_flops:.3e}",
       f"   roofline {t * 1e3:.1f} ms (HBM traffic {r.hbm_bytes / 1e9:.1f} GB at {dev.hbm_gbps:.0f} GB/s, "
       f"{dev.bf16_tflops:.0f} TFLOP/s) -> MFU bound {100 * mfu:.0f}%",
+
+      f"   all-gathered outside loops (live across them, e.g. hoisted FSDP weights): "
+      f"{_g(r.gathered_outside_loops)} GiB",
   ]
   return "\n".join(lines)
 
@@ -630,6 +664,8 @@ def _compile(name: str, fn: Callable[[], Any], mesh) -> tuple[Any, float]:
   t0 = time.perf_counter()
   with tpu_attention_target(), use_mesh_rules(mesh):
     lowered = fn()
+    t1 = time.perf_counter()
+    print(f"   {name}: traced and lowered in {t1 - t0:.0f}s; compiling for the TPU", flush=True)
     try:
       compiled = lowered.compile()
     except Exception as e:  # jax.errors.JaxRuntimeError; the message carries the sizes
@@ -639,6 +675,7 @@ def _compile(name: str, fn: Callable[[], Any], mesh) -> tuple[Any, float]:
       m = re.search(r"required for [^(]*\(([\d.]+)([KMGT])\)", msg)
       req = float(m.group(1)) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)] if m else float("inf")
       raise CompilerOOM(msg.splitlines()[0][:300], lowered, req) from None
+  print(f"   {name}: XLA/Mosaic compile {time.perf_counter() - t1:.0f}s", flush=True)
   return compiled, time.perf_counter() - t0
 
 
@@ -657,10 +694,16 @@ def _measure(name: str, compiled, compile_s: float, *, resident: float, model_fl
   ma = compiled.memory_analysis()
   ca = compiled.cost_analysis()
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-  hlo_flops, hbm = hlo_cost(compiled.as_text())
+  text = compiled.as_text()
+  if HLO_DIR:
+    os.makedirs(HLO_DIR, exist_ok=True)
+    with open(os.path.join(HLO_DIR, f"{name}.{time.strftime('%H%M%S')}.hlo.txt"), "w") as f:
+      f.write(text)
+  hlo_flops, hbm = hlo_cost(text)
   return Report(name, compile_s, float(ma.argument_size_in_bytes), float(ma.output_size_in_bytes),
                 float(ma.alias_size_in_bytes), float(ma.temp_size_in_bytes), float(ma.generated_code_size_in_bytes),
-                resident, float(ca.get("flops", 0.0)), hlo_flops, kernel_flops, model_flops, hbm, hint)
+                resident, float(ca.get("flops", 0.0)), hlo_flops, kernel_flops, model_flops, hbm, hint,
+                gathered_outside_loops=gathered_outside_loops(text)[0])
 
 
 def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_pass", "prefill", "decode"),
@@ -853,6 +896,7 @@ def extrapolate(small: list[Report], large: list[Report], n_small: int, n_large:
         alias=lin(a.alias, b.alias), temp=lin(a.temp, b.temp), code=max(a.code, b.code),
         resident=lin(a.resident, b.resident), xla_flops=lin(a.xla_flops, b.xla_flops),
         hlo_flops=lin(a.hlo_flops, b.hlo_flops), kernel_flops=b.kernel_flops, hbm_bytes=lin(a.hbm_bytes, b.hbm_bytes),
+        gathered_outside_loops=lin(a.gathered_outside_loops, b.gathered_outside_loops),
         note=(b.note + "; " if b.note else "") + f"extrapolated from {n_small}/{n_large} layers"))
   return out
 
@@ -880,6 +924,9 @@ def define_flags():
   flags.DEFINE_integer("images_per_row", 1, "Images per prompt.")
   flags.DEFINE_integer("chunk_prompts", 0, "Rollout chunk in prompts (0: rollout.chunk_prompts or the KV budget).")
   flags.DEFINE_string("label", "", "Config label of the markdown rows (default: the --config argument).")
+  flags.DEFINE_string("hlo_dir", "", "Write each compiled module's text there (<program>.<time>.hlo.txt).")
+  flags.DEFINE_string("save", "", "JSON file: each compiled point's reports are stored as they finish, and a point "
+                      "stored there by the same command line is reused instead of compiled again.")
   flags.mark_flags_as_required(["config"])
 
 
@@ -892,11 +939,39 @@ def _config_argument(argv) -> str:
   return ""
 
 
+def _point_key(argv, layers) -> str:
+  """A compiled point's identity: the command line (without --save) and the depth compiled."""
+  args = [x for x in argv[1:] if not x.startswith("--save")]
+  return json.dumps([sorted(args), layers])
+
+
+def cached_point(path: str, key: str, compile_fn: Callable[[], list[Report]]) -> list[Report]:
+  """``compile_fn()``'s reports, read from / stored in the JSON file ``path`` under ``key`` (no file: no cache)."""
+  stored = {}
+  if path and os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+  if key in stored:
+    print(f"\nreusing the reports stored in {path} for {key}")
+    return [Report(**r) for r in stored[key]]
+  reports = compile_fn()
+  if path:
+    if os.path.exists(path):   # another point may have been stored meanwhile
+      with open(path) as f:
+        stored = json.load(f)
+    stored[key] = [dataclasses.asdict(r) for r in reports]
+    with open(path, "w") as f:
+      json.dump(stored, f, indent=1)
+  return reports
+
+
 def main(argv):
   del argv
   from absl import flags
   F = flags.FLAGS
   c = F.config
+  global HLO_DIR
+  HLO_DIR = F.hlo_dir
   target = get_target(F.topology)
   config_arg = _config_argument(sys.argv)
   hf = hf_architecture(c, config_arg, F.arch)
@@ -915,10 +990,12 @@ def main(argv):
       print(f"\n--layers={a}: compiling {a} and {b} decoder layers; figures below are EXTRAPOLATED linearly to "
             f"{full.text.num_hidden_layers} layers")
       ma, mb_ = shortened(full, a), shortened(full, b)
-      ra = scale_kernel_flops(compile_programs(c, ma, target, **kw), ma, full)
+      ra = scale_kernel_flops(cached_point(F.save, _point_key(sys.argv, a),
+                                           lambda: compile_programs(c, ma, target, **kw)), ma, full)
       # A program already too large when shortened is not compiled again.
       again = tuple(r.name for r in ra if not _oom(r))
-      rb = scale_kernel_flops(compile_programs(c, mb_, target, **{**kw, "programs": again}), mb_, full) if again else []
+      rb = scale_kernel_flops(cached_point(F.save, _point_key(sys.argv, b), lambda: compile_programs(
+          c, mb_, target, **{**kw, "programs": again})), mb_, full) if again else []
       by_name = {r.name: r for r in rb}
       reports = extrapolate(ra, [by_name.get(r.name, r) for r in ra], a, b, full.text.num_hidden_layers)
       print("\nextrapolated to the full depth:")

@@ -143,6 +143,21 @@ def test_extrapolate_is_linear_in_depth():
   assert (r.kernel_flops, r.model_flops) == (7, 9) and "extrapolated" in r.note
 
 
+def test_cached_point_stores_and_reuses_reports(tmp_path):
+  """--save: a point's reports are stored once compiled and read back, not compiled again, by the same
+  command line; another command line or depth compiles."""
+  r = aot.Report("p", 1.0, argument=4, output=1, alias=0, temp=10, code=5, resident=0, xla_flops=100,
+                 hlo_flops=200, kernel_flops=7, model_flops=9, hbm_bytes=30, note="n", gathered_outside_loops=3)
+  path, calls = str(tmp_path / "points.json"), []
+  compile_fn = lambda: calls.append(1) or [r]
+  key = aot._point_key(["aot", "--layers=1", "--save=x"], 1)
+  assert aot.cached_point(path, key, compile_fn) == [r] and len(calls) == 1
+  assert aot.cached_point(path, aot._point_key(["aot", "--save=y", "--layers=1"], 1), compile_fn) == [r]
+  assert len(calls) == 1
+  aot.cached_point(path, aot._point_key(["aot", "--layers=1"], 2), compile_fn)
+  assert len(calls) == 2
+
+
 def test_shortened_model_keeps_the_block_mix():
   mc = aot.shortened(_mc("Qwen2.5-VL-3B-Instruct"), 9)
   assert mc.text.num_hidden_layers == 9 and mc.vision.depth == 8 and mc.vision.fullatt_block_indexes == (7,)
@@ -161,6 +176,25 @@ def test_hlo_cost_counts_loop_trips():
   flops, hbm = aot.hlo_cost(text)
   assert flops == 7 * 2 * 16 * 32 * 24
   assert hbm > 7 * 16 * 32 * 4      # every step reads its slice at least
+
+
+def test_gathered_outside_loops_tells_hoisted_from_per_step_gathers():
+  """A weight gathered before a 3-step scan counts outside (live across the loop); the scanned slice
+  gathered in the body counts inside; bytes are the gathered (full) shapes."""
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.asarray(jax.devices()[:4]), ("fsdp",))
+  full = NamedSharding(mesh, P())
+  w = jax.ShapeDtypeStruct((256, 128), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))
+  xs = jax.ShapeDtypeStruct((3, 16, 256), jnp.float32, sharding=NamedSharding(mesh, P(None, "fsdp")))
+
+  def f(w, xs):
+    w = jax.lax.with_sharding_constraint(w, full)
+    body = lambda c, x: (c + jnp.sum(jnp.tanh(jax.lax.with_sharding_constraint(x, full) @ w)), None)
+    return jax.lax.scan(body, 0.0, xs)[0]
+
+  text = jax.jit(f).lower(w, xs).compile().as_text()
+  assert aot.gathered_outside_loops(text) == (256 * 128 * 4, 16 * 256 * 4)
 
 
 # -- TPU compiles (libtpu) ----------------------------------------------------------------------
