@@ -328,10 +328,23 @@ def _split_instruction(line: str):
   return name, shape, op, re.findall(r"%([^\s,()]+)", args[:j]), args[j + 1:]
 
 
+def _instruction_lines(text: str):
+  """The module's lines with multi-line instructions joined: a Mosaic kernel's backend config carries
+  newlines, so some of its lines start at column 0, even with ``}}`` (not a computation's end)."""
+  out = []
+  for line in text.splitlines():
+    if out and line and not line[0].isspace() and line.rstrip() != "}" and not re.match(r"(ENTRY )?%\S+ \(", line) \
+        and out[-1].startswith(" "):
+      out[-1] += " " + line
+    else:
+      out.append(line)
+  return out
+
+
 def parse_hlo(text: str) -> tuple[dict, str]:
   """{computation: [(name, shape, op, operands, attrs)]} and the entry computation's name."""
   comps, entry, cur = {}, "", None
-  for line in text.splitlines():
+  for line in _instruction_lines(text):
     m = re.match(r"^(ENTRY )?%(\S+) \(.*\) -> .*\{\s*$", line)
     if m:
       cur = m.group(2)
@@ -339,7 +352,7 @@ def parse_hlo(text: str) -> tuple[dict, str]:
       if m.group(1):
         entry = cur
       continue
-    if line.startswith("}"):
+    if line.rstrip() == "}":
       cur = None
       continue
     if cur is not None:
@@ -347,6 +360,55 @@ def parse_hlo(text: str) -> tuple[dict, str]:
       if ins:
         comps[cur].append(ins)
   return comps, entry
+
+
+def _window_taps(n: int, w: int, out: int, stride: int, lo: int, lhs_dilate: int, rhs_dilate: int) -> int:
+  """(output position, window tap) pairs of one spatial dimension that read a real input element
+  (not padding, not a dilation hole)."""
+  pairs = 0
+  for k in range(w):
+    if lhs_dilate == 1:
+      first = max(0, -((k * rhs_dilate - lo) // stride))                   # o * stride + k * rd - lo >= 0
+      last = min(out - 1, (n - 1 + lo - k * rhs_dilate) // stride)
+      pairs += max(0, last - first + 1)
+    else:
+      pairs += sum(1 for o in range(out) if 0 <= (p := o * stride + k * rhs_dilate - lo) <= (n - 1) * lhs_dilate
+                   and p % lhs_dilate == 0)
+  return pairs
+
+
+def conv_flops(out_dims: str, lhs_shape: str, rhs_shape: str, attrs: str) -> float:
+  """FLOPs of an HLO convolution: 2 x output batch x output features x input features per group x the
+  window taps that meet real input. The TPU compiler writes matmuls as convolutions whose window
+  runs over padding (e.g. a [5120, 1280] x [1280, 3, 16, 80] projection as a 3x16 window over a
+  1x1 input padded by 2 and 15): only one tap per output position is real there, so counting the
+  whole window would overstate the FLOPs 48-fold."""
+  lhs, rhs = _SHAPE.search(lhs_shape), _SHAPE.search(rhs_shape)
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", attrs)
+  if not (lhs and rhs and labels):
+    return 0.0
+  ll, rl, ol = labels.groups()
+  ld, rd, od = _dims(lhs.group(2)), _dims(rhs.group(2)), _dims(out_dims)
+  if "o" not in rl or "i" not in rl or "b" not in ol:
+    return 0.0
+  spatial = sorted(c for c in rl if c.isdigit())
+  win = re.search(r"window=\{([^}]*)\}", attrs)
+  win = win.group(1) if win else ""
+
+  def field(name, default):
+    m = re.search(name + r"=([\dx_-]+)", win)
+    if not m:
+      return [default] * len(spatial)
+    return m.group(1).split("x")
+
+  pads = field("pad", "0_0")
+  strides, lds, rds = field("stride", "1"), field("lhs_dilate", "1"), field("rhs_dilate", "1")
+  taps = 1
+  for j, c in enumerate(spatial):
+    lo = int(pads[j].split("_")[0])
+    taps *= _window_taps(ld[ll.index(c)], rd[rl.index(c)], od[ol.index(c)], int(strides[j]), lo, int(lds[j]),
+                         int(rds[j]))
+  return 2.0 * od[ol.index("b")] * rd[rl.index("o")] * rd[rl.index("i")] * taps
 
 
 def hlo_cost(text: str) -> tuple[float, float]:
@@ -380,13 +442,7 @@ def hlo_cost(text: str) -> tuple[float, float]:
         k = math.prod(_dims(lhs.group(2))[i] for i in _dims(cd.group(1))) if lhs and cd else 1
         flops += 2.0 * math.prod(_dims(out.group(2))) * k
       elif op == "convolution" and out and len(operands) > 1:
-        rhs = _SHAPE.search(shapes.get(operands[1], ""))
-        labels = re.search(r"dim_labels=[^_]*_(\w+)->", attrs)
-        if rhs and labels and "o" in labels.group(1):
-          rd = _dims(rhs.group(2))
-          groups = re.search(r"feature_group_count=(\d+)", attrs)
-          k = math.prod(rd) // max(1, rd[labels.group(1).index("o")])
-          flops += 2.0 * math.prod(_dims(out.group(2))) * k / (int(groups.group(1)) if groups else 1)
+        flops += conv_flops(out.group(2), shapes.get(operands[0], ""), shapes.get(operands[1], ""), attrs)
       if not fused and op not in _NO_TRAFFIC:
         bytes_ += _shape_bytes(shape) + sum(_shape_bytes(shapes.get(o, "")) for o in operands)
       sub = []

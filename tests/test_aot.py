@@ -178,6 +178,49 @@ def test_hlo_cost_counts_loop_trips():
   assert hbm > 7 * 16 * 32 * 4      # every step reads its slice at least
 
 
+def test_conv_flops_count_only_taps_on_real_input():
+  """The TPU compiler's matmul-as-convolution (a 3x16 window over a 1x1 input padded by 2 and 15: one
+  real tap per output) counts as the [5120, 1280] x [1280, 3840] matmul; an unpadded window counts all
+  its taps; a padded, strided 1-D convolution matches a count of its taps on real input."""
+  qkv = aot.conv_flops("5120,3,16,80", "bf16[5120,1280,1,1]", "bf16[3,16,80,1280]",
+                       "window={size=3x16 pad=2_2x15_15 rhs_reversal=1x1}, dim_labels=bf01_01oi->b01f")
+  assert qkv == 2 * 5120 * 1280 * 3 * 16 * 80
+  mlp = aot.conv_flops("6144,11008,1", "bf16[6144,2,1024]", "bf16[2,1024,11008]",
+                       "window={size=2}, dim_labels=b0f_0io->bf0")
+  assert mlp == 2 * 6144 * 2048 * 11008
+  n, w, pad, stride = 10, 3, (2, 1), 2
+  out = (n + sum(pad) - w) // stride + 1
+  taps = sum(1 for o in range(out) for k in range(w) if 0 <= o * stride + k - pad[0] < n)
+  got = aot.conv_flops(f"4,5,{out}", f"f32[4,6,{n}]", f"f32[5,6,{w}]",
+                       f"window={{size={w} stride={stride} pad={pad[0]}_{pad[1]}}}, dim_labels=bf0_oi0->bf0")
+  assert got == 2 * 4 * 5 * 6 * taps
+  # The same through a compiled module (XLA CPU writes the convolution with its own labels).
+  x = jax.ShapeDtypeStruct((4, 6, n), jnp.float32)
+  k = jax.ShapeDtypeStruct((5, 6, w), jnp.float32)
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (stride,), [pad])
+  assert aot.hlo_cost(jax.jit(conv).lower(x, k).compile().as_text())[0] == got
+
+
+def test_parse_hlo_joins_multi_line_kernel_configs():
+  """A Mosaic kernel's backend config spans lines, one starting with '}}': the computation goes on
+  after it (its later dot is counted)."""
+  text = "\n".join([
+      "HloModule m",
+      "",
+      "ENTRY %main (p0: f32[8,16], p1: f32[16,4]) -> f32[8,4] {",
+      "  %p0 = f32[8,16]{1,0} parameter(0)",
+      "  %p1 = f32[16,4]{1,0} parameter(1)",
+      '  %k = f32[8,16]{1,0} custom-call(%p0), custom_call_target="tpu_custom_call", frontend_attributes={m={',
+      '"xprof_metadata":"{}"',
+      '}}, metadata={op_name="kernel"}',
+      "  ROOT %d = f32[8,4]{1,0} dot(%k, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
+      "}",
+      ""])
+  comps, entry = aot.parse_hlo(text)
+  assert entry == "main" and [i[0] for i in comps["main"]] == ["p0", "p1", "k", "d"]
+  assert aot.hlo_cost(text)[0] == 2 * 8 * 16 * 4
+
+
 def test_gathered_outside_loops_tells_hoisted_from_per_step_gathers():
   """A weight gathered before a 3-step scan counts outside (live across the loop); the scanned slice
   gathered in the body counts inside; bytes are the gathered (full) shapes."""
