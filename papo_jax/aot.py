@@ -411,6 +411,54 @@ def conv_flops(out_dims: str, lhs_shape: str, rhs_shape: str, attrs: str) -> flo
   return 2.0 * od[ol.index("b")] * rd[rl.index("o")] * rd[rl.index("i")] * taps
 
 
+def loop_trip_count(comps: dict, const_vals: dict, cond: str, body: str, init: str) -> int | None:
+  """A while loop's trip count from its induction variable: the condition compares tuple element k
+  with a constant bound, the body adds a constant step to element k, the init tuple sets it (a
+  constant, else 0). None when the loop is not of that form. (The TPU compiler unrolls some loops,
+  e.g. collective matmuls, stepping by 2 up to the same bound.)"""
+  ins = {n: (op, ops, a) for c in (cond, body) for n, _, op, ops, a in comps.get(c, [])}
+  index = lambda n: (int(m.group(1)) if n in ins and ins[n][0] == "get-tuple-element"
+                     and (m := re.search(r"index=(\d+)", ins[n][2])) else None)
+
+  def through_copies(n):
+    while n in ins and ins[n][0] in ("copy", "convert", "bitcast") and ins[n][1]:
+      n = ins[n][1][0]
+    return n
+
+  if not comps.get(cond) or not comps.get(body):
+    return None
+  _, _, op, ops, attrs = comps[cond][-1]
+  d = re.search(r"direction=(\w+)", attrs)
+  if op != "compare" or len(ops) != 2 or not d:
+    return None
+  a, b = (through_copies(x) for x in ops)
+  direction = d.group(1)
+  if index(a) is None and index(b) is not None:
+    a, b, direction = b, a, {"GT": "LT", "GE": "LE", "LT": "GT", "LE": "GE"}.get(direction, direction)
+  k, bound = index(a), const_vals.get(b)
+  if k is None or bound is None or direction not in ("LT", "LE"):
+    return None
+  root = comps[body][-1]
+  if root[2] != "tuple" or k >= len(root[3]):
+    return None
+  upd = ins.get(root[3][k])
+  if not upd or upd[0] != "add" or len(upd[1]) != 2:
+    return None
+  x, y = (through_copies(o) for o in upd[1])
+  if index(x) != k:
+    x, y = y, x
+  step = const_vals.get(y)
+  if index(x) != k or not step or step <= 0:
+    return None
+  start = 0
+  for c in comps.values():
+    for n, _, op2, ops2, _ in c:
+      if n == init and op2 == "tuple" and k < len(ops2):
+        start = const_vals.get(ops2[k], 0)
+  end = bound + (direction == "LE")
+  return max(0, -(-(end - start) // step))
+
+
 def hlo_cost(text: str) -> tuple[float, float]:
   """(dot + convolution FLOPs, HBM bytes) of a compiled module with every while body counted
   ``trip count`` times (XLA's cost_analysis counts each body once). Custom calls (Pallas
@@ -424,7 +472,10 @@ def hlo_cost(text: str) -> tuple[float, float]:
       const_vals[m.group(1)] = int(m.group(2))
   memo: dict[tuple[str, bool], tuple[float, float]] = {}
 
-  def trips(cond_name: str) -> int:
+  def trips(cond_name: str, body_name: str = "", init: str = "") -> int:
+    n = loop_trip_count(comps, const_vals, cond_name, body_name, init)
+    if n is not None:
+      return n
     vals = [const_vals[n] for n, *_ in comps.get(cond_name, []) if n in const_vals]
     return max([v for v in vals if v > 0] or [1])
 
@@ -452,7 +503,8 @@ def hlo_cost(text: str) -> tuple[float, float]:
         body = re.search(r"body=%([^\s,]+)", attrs)
         cond = re.search(r"condition=%([^\s,]+)", attrs)
         if body:
-          sub = [(body.group(1), fused, trips(cond.group(1)) if cond else 1)]
+          sub = [(body.group(1), fused, trips(cond.group(1), body.group(1), operands[0] if operands else "")
+                  if cond else 1)]
       elif op == "call":
         sub = [(c, fused, 1) for c in re.findall(r"to_apply=%([^\s,]+)", attrs)]
       elif op == "conditional":

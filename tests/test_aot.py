@@ -221,6 +221,42 @@ def test_parse_hlo_joins_multi_line_kernel_configs():
   assert aot.hlo_cost(text)[0] == 2 * 8 * 16 * 4
 
 
+STEPPED_LOOP = """HloModule m
+
+%cond (p: (u32[], f32[8,16])) -> pred[] {
+  %p = (u32[], f32[8,16]{1,0}) parameter(0)
+  %i = u32[] get-tuple-element(%p), index=0
+  %bound = u32[] constant(BOUND)
+  ROOT %lt = pred[] compare(%i, %bound), direction=LT
+}
+
+%body (q: (u32[], f32[8,16])) -> (u32[], f32[8,16]) {
+  %q = (u32[], f32[8,16]{1,0}) parameter(0)
+  %j = u32[] get-tuple-element(%q), index=0
+  %x = f32[8,16]{1,0} get-tuple-element(%q), index=1
+  %w = f32[16,16]{1,0} constant({...})
+  %d = f32[8,16]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %step = u32[] constant(STEP)
+  %next = u32[] add(%j, %step)
+  ROOT %t = (u32[], f32[8,16]{1,0}) tuple(%next, %d)
+}
+
+ENTRY %main (a: f32[8,16]) -> (u32[], f32[8,16]) {
+  %a = f32[8,16]{1,0} parameter(0)
+  %zero = u32[] constant(START)
+  %init = (u32[], f32[8,16]{1,0}) tuple(%zero, %a)
+  ROOT %loop = (u32[], f32[8,16]{1,0}) while(%init), condition=%cond, body=%body
+}
+"""
+
+
+@pytest.mark.parametrize("start,bound,step,trips", [(0, 8, 1, 8), (0, 8, 2, 4), (1, 8, 2, 4), (0, 7, 2, 4)])
+def test_hlo_cost_follows_the_induction_variable(start, bound, step, trips):
+  """A loop the compiler unrolled steps by 2 to the same bound: half the trips of its bound."""
+  text = STEPPED_LOOP.replace("BOUND", str(bound)).replace("STEP", str(step)).replace("START", str(start))
+  assert aot.hlo_cost(text)[0] == trips * 2 * 8 * 16 * 16
+
+
 def test_gathered_outside_loops_tells_hoisted_from_per_step_gathers():
   """A weight gathered before a 3-step scan counts outside (live across the loop); the scanned slice
   gathered in the body counts inside; bytes are the gathered (full) shapes."""
