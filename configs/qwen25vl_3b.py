@@ -8,9 +8,9 @@ papo_g_no_ref_kl (gamma 0.01, eta 0.03/0.03), dapo, papo_d (gamma 0.01, eta 0.03
 Hardware: the paper used 2 x H100-80G. TPU (docs/tpu.md, measured with
 ``python -m papo_jax.aot --config=configs/qwen25vl_3b.py:papo_g --topology=v5p:2x2x1 --layers=1``,
 extrapolated from 1- and 2-layer compiles): of the slices compiled, the smallest it fits is
-v5p-8 (4 chips; v6e-8 and v5e-16 are not compiled yet), with these defaults: FSDP over the 4 chips (mesh.fsdp=-1), model.remat=True, optim.micro_batches=16
-(40 rows per micro-batch, 10 per chip): the update needs 47.8 of 95 GiB per chip (MFU bound
-79%). v5e-8 does not fit, even at optim.micro_batches=80 (one row per chip per micro-batch):
+v5p-8 (4 chips; v6e-8 and v5e-16 are not compiled yet), with these defaults: FSDP over the
+4 chips (mesh.fsdp=-1), model.remat=True, optim.micro_batches=16 (40 rows per micro-batch, 10
+per chip): the update needs 47.8 of 95 GiB per chip (MFU bound 79%). v5e-8 does not fit, even at optim.micro_batches=80 (one row per chip per micro-batch):
 27.8 GiB per chip of 16, because the compiled step keeps ~0.46 GiB per decoder layer per chip
 that does not shrink with the micro-batch. Rollouts run in chunks sized from the free HBM
 (rollout.chunk_prompts / kv_budget_gb; not compiled at full depth yet).
