@@ -10,9 +10,10 @@ Hardware: the paper used 2 x H100-80G. TPU (docs/tpu.md, measured with
 extrapolated from 1- and 2-layer compiles): of the slices compiled, the smallest it fits is
 v5p-8 (4 chips; v6e-8 and v5e-16 are not compiled yet), with these defaults: FSDP over the
 4 chips (mesh.fsdp=-1), model.remat=True, optim.micro_batches=16 (40 rows per micro-batch, 10
-per chip): the update needs 47.8 of 95 GiB per chip (MFU bound 79%). v5e-8 does not fit, even at optim.micro_batches=80 (one row per chip per micro-batch):
-27.8 GiB per chip of 16, because the compiled step keeps ~0.46 GiB per decoder layer per chip
-that does not shrink with the micro-batch. Rollouts run in chunks sized from the free HBM
+per chip): the update needs 47.8 of 95 GiB per chip (MFU bound 79%). v5e-8 does not fit,
+even at optim.micro_batches=80 (one row per chip per micro-batch): 27.8 GiB per chip of 16,
+because the compiled step keeps ~0.46 GiB per decoder layer per chip that does not shrink
+with the micro-batch. Rollouts run in chunks sized from the free HBM
 (rollout.chunk_prompts / kv_budget_gb; not compiled at full depth yet).
 Expected (avg@8 over 8 benchmarks, papo.md §7): GRPO 47.92 -> PAPO-G 49.92;
 DAPO 52.40 -> PAPO-D 55.24. 384 prompts x 5 samples per step, 3 updates per step,
