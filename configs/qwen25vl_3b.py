@@ -12,17 +12,16 @@ vppo (VPPO as its authors released it, github.com/huaixuheqing/VPPO-RL
 examples/configs/train_vppo_7b.sh: DAPO's sampling and clip, no ref KL, top 40% tokens by visual
 dependency, advantage scale from 0.9, entropy penalty 0.06, n=8, 50% patch blackening; with n=8
 optim.micro_batches is 32, 32 rows per micro-batch) and papo_vppo (PAPO-G + VPPO's loss terms).
-Hardware: the paper used 2 x H100-80G. TPU (docs/tpu.md; check with
-``python -m papo_jax.aot --config=configs/qwen25vl_3b.py --topology=v5e:2x4``): the smallest
-slice is v5e-8 by the arithmetic of docs/tpu.md (the tool's full compile is still to be run):
-FSDP over the 8 chips (mesh.fsdp=-1, the default here) holds 7.9 GiB per chip of fp32 gradients,
-parameters, AdamW moments and the bf16 reference, which leaves ~6 GiB per chip for a
-micro-batch; that needs model.remat=True and optim.micro_batches=80 (8 rows = 1 row per
-chip per micro-batch; the default 16 keeps 5 rows = one prompt's image per chip, but its
-activations, ~4.5 GB of remat checkpoints alone, leave no room on a 16 GiB chip), and rollouts
-in chunks sized from the free HBM (~24 prompts; rollout.chunk_prompts / kv_budget_gb). On
-v5p-8 (4 chips, 15.7 GiB of state per chip of 95) the defaults (micro_batches=16, remat) fit
-by the same arithmetic.
+Hardware: the paper used 2 x H100-80G. TPU (docs/tpu.md, measured with
+``python -m papo_jax.aot --config=configs/qwen25vl_3b.py:papo_g --topology=v5p:2x2x1 --layers=1``,
+extrapolated from 1- and 2-layer compiles): of the slices compiled, the smallest it fits is
+v5p-8 (4 chips; v6e-8 and v5e-16 are not compiled yet), with these defaults: FSDP over the
+4 chips (mesh.fsdp=-1), model.remat=True, optim.micro_batches=16 (40 rows per micro-batch, 10
+per chip): the update needs 47.8 of 95 GiB per chip (MFU bound 79%). v5e-8 does not fit,
+even at optim.micro_batches=80 (one row per chip per micro-batch): 27.8 GiB per chip of 16,
+because the compiled step keeps ~0.46 GiB per decoder layer per chip that does not shrink
+with the micro-batch. Rollouts run in chunks sized from the free HBM
+(rollout.chunk_prompts / kv_budget_gb; not compiled at full depth yet).
 Expected (avg@8 over 8 benchmarks, papo.md §7): GRPO 47.92 -> PAPO-G 49.92;
 DAPO 52.40 -> PAPO-D 55.24. 384 prompts x 5 samples per step, 3 updates per step,
 2 epochs (~202 steps).

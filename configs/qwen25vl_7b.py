@@ -11,11 +11,13 @@ github.com/huaixuheqing/VPPO-RL examples/configs/train_vppo_7b.sh: DAPO's sampli
 KL, top 40% tokens by visual dependency, advantage scale from 0.9, entropy penalty 0.06, n=8, 50%
 patch blackening; optim.micro_batches 64 = 16 rows per micro-batch) and papo_vppo (PAPO-G with
 VPPO's loss terms; entropy penalty 0.06 on the original only, not the double entropy of papo_g).
-Hardware: the paper used 4 x H100-80G. TPU (docs/tpu.md): the smallest slice is v5p-8 (4 chips x
-95 GiB, by the arithmetic of docs/tpu.md; the full compile,
-``python -m papo_jax.aot --config=configs/qwen25vl_7b.py --topology=v5p:2x2x1``, is still to be run): FSDP over 4 chips holds 35 GiB per chip of fp32 parameters, AdamW moments, gradients
-and the bf16 reference; it needs model.remat=True and optim.micro_batches=32 or more (20 rows
-= 5 per chip). A v5e-16 (16 GiB chips) cannot hold that state plus a micro-batch.
+Hardware: the paper used 4 x H100-80G. TPU (docs/tpu.md,
+measured with ``python -m papo_jax.aot --config=configs/qwen25vl_7b.py:papo_g --topology=v5p:2x2x1
+--layers=1``, extrapolated from 1- and 2-layer compiles): it fits v5p-8 (4 chips, the smallest
+v5p slice), with these defaults: FSDP over the 4 chips (mesh.fsdp=-1), model.remat=True,
+optim.micro_batches=32 (20 rows per micro-batch, 5 per chip): the update needs 63.6 of 95 GiB
+per chip (MFU bound 80%). A 16 GiB chip (v5e) cannot hold its 17.4 GiB per chip of state on
+8 chips.
 Expected (avg@8): GRPO 58.78 -> PAPO-G 61.66; DAPO 55.01 -> PAPO-D 63.16. VPPO's own Table 1
 (avg@8 over their 8 benchmarks, a different set; VPPO-RL assets/results.png): GRPO 53.1, DAPO 55.0
 -> VPPO 57.5.

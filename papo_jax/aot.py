@@ -57,6 +57,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 GiB = 2 ** 30
+HLO_DIR = ""   # --hlo_dir: where compiled modules are written as text
 
 # ============================================================================================
 # Hardware
@@ -328,10 +329,23 @@ def _split_instruction(line: str):
   return name, shape, op, re.findall(r"%([^\s,()]+)", args[:j]), args[j + 1:]
 
 
+def _instruction_lines(text: str):
+  """The module's lines with multi-line instructions joined: a Mosaic kernel's backend config carries
+  newlines, so some of its lines start at column 0, even with ``}}`` (not a computation's end)."""
+  out = []
+  for line in text.splitlines():
+    if out and line and not line[0].isspace() and line.rstrip() != "}" and not re.match(r"(ENTRY )?%\S+ \(", line) \
+        and out[-1].startswith(" "):
+      out[-1] += " " + line
+    else:
+      out.append(line)
+  return out
+
+
 def parse_hlo(text: str) -> tuple[dict, str]:
   """{computation: [(name, shape, op, operands, attrs)]} and the entry computation's name."""
   comps, entry, cur = {}, "", None
-  for line in text.splitlines():
+  for line in _instruction_lines(text):
     m = re.match(r"^(ENTRY )?%(\S+) \(.*\) -> .*\{\s*$", line)
     if m:
       cur = m.group(2)
@@ -339,7 +353,7 @@ def parse_hlo(text: str) -> tuple[dict, str]:
       if m.group(1):
         entry = cur
       continue
-    if line.startswith("}"):
+    if line.rstrip() == "}":
       cur = None
       continue
     if cur is not None:
@@ -347,6 +361,103 @@ def parse_hlo(text: str) -> tuple[dict, str]:
       if ins:
         comps[cur].append(ins)
   return comps, entry
+
+
+def _window_taps(n: int, w: int, out: int, stride: int, lo: int, lhs_dilate: int, rhs_dilate: int) -> int:
+  """(output position, window tap) pairs of one spatial dimension that read a real input element
+  (not padding, not a dilation hole)."""
+  pairs = 0
+  for k in range(w):
+    if lhs_dilate == 1:
+      first = max(0, -((k * rhs_dilate - lo) // stride))                   # o * stride + k * rd - lo >= 0
+      last = min(out - 1, (n - 1 + lo - k * rhs_dilate) // stride)
+      pairs += max(0, last - first + 1)
+    else:
+      pairs += sum(1 for o in range(out) if 0 <= (p := o * stride + k * rhs_dilate - lo) <= (n - 1) * lhs_dilate
+                   and p % lhs_dilate == 0)
+  return pairs
+
+
+def conv_flops(out_dims: str, lhs_shape: str, rhs_shape: str, attrs: str) -> float:
+  """FLOPs of an HLO convolution: 2 x output batch x output features x input features per group x the
+  window taps that meet real input. The TPU compiler writes matmuls as convolutions whose window
+  runs over padding (e.g. a [5120, 1280] x [1280, 3, 16, 80] projection as a 3x16 window over a
+  1x1 input padded by 2 and 15): only one tap per output position is real there, so counting the
+  whole window would overstate the FLOPs 48-fold."""
+  lhs, rhs = _SHAPE.search(lhs_shape), _SHAPE.search(rhs_shape)
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", attrs)
+  if not (lhs and rhs and labels):
+    return 0.0
+  ll, rl, ol = labels.groups()
+  ld, rd, od = _dims(lhs.group(2)), _dims(rhs.group(2)), _dims(out_dims)
+  if "o" not in rl or "i" not in rl or "b" not in ol:
+    return 0.0
+  spatial = sorted(c for c in rl if c.isdigit())
+  win = re.search(r"window=\{([^}]*)\}", attrs)
+  win = win.group(1) if win else ""
+
+  def field(name, default):
+    m = re.search(name + r"=([\dx_-]+)", win)
+    if not m:
+      return [default] * len(spatial)
+    return m.group(1).split("x")
+
+  pads = field("pad", "0_0")
+  strides, lds, rds = field("stride", "1"), field("lhs_dilate", "1"), field("rhs_dilate", "1")
+  taps = 1
+  for j, c in enumerate(spatial):
+    lo = int(pads[j].split("_")[0])
+    taps *= _window_taps(ld[ll.index(c)], rd[rl.index(c)], od[ol.index(c)], int(strides[j]), lo, int(lds[j]),
+                         int(rds[j]))
+  return 2.0 * od[ol.index("b")] * rd[rl.index("o")] * rd[rl.index("i")] * taps
+
+
+def loop_trip_count(comps: dict, const_vals: dict, cond: str, body: str, init: str) -> int | None:
+  """A while loop's trip count from its induction variable: the condition compares tuple element k
+  with a constant bound, the body adds a constant step to element k, the init tuple sets it (a
+  constant, else 0). None when the loop is not of that form. (The TPU compiler unrolls some loops,
+  e.g. collective matmuls, stepping by 2 up to the same bound.)"""
+  ins = {n: (op, ops, a) for c in (cond, body) for n, _, op, ops, a in comps.get(c, [])}
+  index = lambda n: (int(m.group(1)) if n in ins and ins[n][0] == "get-tuple-element"
+                     and (m := re.search(r"index=(\d+)", ins[n][2])) else None)
+
+  def through_copies(n):
+    while n in ins and ins[n][0] in ("copy", "convert", "bitcast") and ins[n][1]:
+      n = ins[n][1][0]
+    return n
+
+  if not comps.get(cond) or not comps.get(body):
+    return None
+  _, _, op, ops, attrs = comps[cond][-1]
+  d = re.search(r"direction=(\w+)", attrs)
+  if op != "compare" or len(ops) != 2 or not d:
+    return None
+  a, b = (through_copies(x) for x in ops)
+  direction = d.group(1)
+  if index(a) is None and index(b) is not None:
+    a, b, direction = b, a, {"GT": "LT", "GE": "LE", "LT": "GT", "LE": "GE"}.get(direction, direction)
+  k, bound = index(a), const_vals.get(b)
+  if k is None or bound is None or direction not in ("LT", "LE"):
+    return None
+  root = comps[body][-1]
+  if root[2] != "tuple" or k >= len(root[3]):
+    return None
+  upd = ins.get(root[3][k])
+  if not upd or upd[0] != "add" or len(upd[1]) != 2:
+    return None
+  x, y = (through_copies(o) for o in upd[1])
+  if index(x) != k:
+    x, y = y, x
+  step = const_vals.get(y)
+  if index(x) != k or not step or step <= 0:
+    return None
+  start = 0
+  for c in comps.values():
+    for n, _, op2, ops2, _ in c:
+      if n == init and op2 == "tuple" and k < len(ops2):
+        start = const_vals.get(ops2[k], 0)
+  end = bound + (direction == "LE")
+  return max(0, -(-(end - start) // step))
 
 
 def hlo_cost(text: str) -> tuple[float, float]:
@@ -362,7 +473,10 @@ def hlo_cost(text: str) -> tuple[float, float]:
       const_vals[m.group(1)] = int(m.group(2))
   memo: dict[tuple[str, bool], tuple[float, float]] = {}
 
-  def trips(cond_name: str) -> int:
+  def trips(cond_name: str, body_name: str = "", init: str = "") -> int:
+    n = loop_trip_count(comps, const_vals, cond_name, body_name, init)
+    if n is not None:
+      return n
     vals = [const_vals[n] for n, *_ in comps.get(cond_name, []) if n in const_vals]
     return max([v for v in vals if v > 0] or [1])
 
@@ -380,13 +494,7 @@ def hlo_cost(text: str) -> tuple[float, float]:
         k = math.prod(_dims(lhs.group(2))[i] for i in _dims(cd.group(1))) if lhs and cd else 1
         flops += 2.0 * math.prod(_dims(out.group(2))) * k
       elif op == "convolution" and out and len(operands) > 1:
-        rhs = _SHAPE.search(shapes.get(operands[1], ""))
-        labels = re.search(r"dim_labels=[^_]*_(\w+)->", attrs)
-        if rhs and labels and "o" in labels.group(1):
-          rd = _dims(rhs.group(2))
-          groups = re.search(r"feature_group_count=(\d+)", attrs)
-          k = math.prod(rd) // max(1, rd[labels.group(1).index("o")])
-          flops += 2.0 * math.prod(_dims(out.group(2))) * k / (int(groups.group(1)) if groups else 1)
+        flops += conv_flops(out.group(2), shapes.get(operands[0], ""), shapes.get(operands[1], ""), attrs)
       if not fused and op not in _NO_TRAFFIC:
         bytes_ += _shape_bytes(shape) + sum(_shape_bytes(shapes.get(o, "")) for o in operands)
       sub = []
@@ -396,7 +504,8 @@ def hlo_cost(text: str) -> tuple[float, float]:
         body = re.search(r"body=%([^\s,]+)", attrs)
         cond = re.search(r"condition=%([^\s,]+)", attrs)
         if body:
-          sub = [(body.group(1), fused, trips(cond.group(1)) if cond else 1)]
+          sub = [(body.group(1), fused, trips(cond.group(1), body.group(1), operands[0] if operands else "")
+                  if cond else 1)]
       elif op == "call":
         sub = [(c, fused, 1) for c in re.findall(r"to_apply=%([^\s,]+)", attrs)]
       elif op == "conditional":
@@ -412,6 +521,35 @@ def hlo_cost(text: str) -> tuple[float, float]:
     return memo[key]
 
   return cost(entry, False)
+
+
+def gathered_outside_loops(text: str) -> tuple[float, float]:
+  """(bytes all-gathered outside every while loop, bytes all-gathered inside one, per execution of
+  the gather). Under FSDP a weight gathered inside the micro-batch loop lives for one micro-batch;
+  one gathered before it (hoisted as loop-invariant) stays live across the whole scan."""
+  comps, _ = parse_hlo(text)
+  reach: dict[str, set] = {c: set() for c in comps}
+  for c, ins in comps.items():
+    for *_, attrs in ins:
+      reach[c] |= set(re.findall(r"(?:calls|to_apply|body|condition)=%([^\s,]+)", attrs))
+      m = re.search(r"branch_computations=\{([^}]*)\}", attrs)
+      if m:
+        reach[c] |= set(re.findall(r"%([^\s,{}]+)", m.group(1)))
+  stack = [re.search(r"body=%([^\s,]+)", attrs).group(1) for ins in comps.values()
+           for _, _, op, _, attrs in ins if op == "while" and "body=%" in attrs]
+  in_loop: set = set()
+  while stack:
+    c = stack.pop()
+    if c not in in_loop:
+      in_loop.add(c)
+      stack += list(reach.get(c, ()))
+  outside = inside = 0.0
+  for c, ins in comps.items():
+    for _, shape, op, _, _ in ins:
+      if op in ("all-gather", "all-gather-start"):
+        b = max(_shape_bytes(f"{d}[{n}]") for d, n in _SHAPE.findall(shape))   # start: (operand, result)
+        inside, outside = (inside + b, outside) if c in in_loop else (inside, outside + b)
+  return outside, inside
 
 
 # ============================================================================================
@@ -436,6 +574,7 @@ class Report:
   hbm_bytes: float          # HBM traffic x trip counts
   hint: str = ""
   note: str = ""
+  gathered_outside_loops: float = 0.0   # all-gather output bytes outside while loops (hoisted FSDP weights)
 
   @property
   def peak_bytes(self) -> float:
@@ -478,6 +617,9 @@ def format_report(r: Report, dev: Chip) -> str:
       f"(analytic) {r.kernel_flops:.3e} | model (analytic) {r.model_flops:.3e}",
       f"   roofline {t * 1e3:.1f} ms (HBM traffic {r.hbm_bytes / 1e9:.1f} GB at {dev.hbm_gbps:.0f} GB/s, "
       f"{dev.bf16_tflops:.0f} TFLOP/s) -> MFU bound {100 * mfu:.0f}%",
+
+      f"   all-gathered outside loops (live across them, e.g. hoisted FSDP weights): "
+      f"{_g(r.gathered_outside_loops)} GiB",
   ]
   return "\n".join(lines)
 
@@ -631,6 +773,8 @@ def _compile(name: str, fn: Callable[[], Any], mesh) -> tuple[Any, float]:
   t0 = time.perf_counter()
   with tpu_attention_target(), use_mesh_rules(mesh):
     lowered = fn()
+    t1 = time.perf_counter()
+    print(f"   {name}: traced and lowered in {t1 - t0:.0f}s; compiling for the TPU", flush=True)
     try:
       compiled = lowered.compile()
     except Exception as e:  # jax.errors.JaxRuntimeError; the message carries the sizes
@@ -640,6 +784,7 @@ def _compile(name: str, fn: Callable[[], Any], mesh) -> tuple[Any, float]:
       m = re.search(r"required for [^(]*\(([\d.]+)([KMGT])\)", msg)
       req = float(m.group(1)) * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)] if m else float("inf")
       raise CompilerOOM(msg.splitlines()[0][:300], lowered, req) from None
+  print(f"   {name}: XLA/Mosaic compile {time.perf_counter() - t1:.0f}s", flush=True)
   return compiled, time.perf_counter() - t0
 
 
@@ -658,10 +803,16 @@ def _measure(name: str, compiled, compile_s: float, *, resident: float, model_fl
   ma = compiled.memory_analysis()
   ca = compiled.cost_analysis()
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-  hlo_flops, hbm = hlo_cost(compiled.as_text())
+  text = compiled.as_text()
+  if HLO_DIR:
+    os.makedirs(HLO_DIR, exist_ok=True)
+    with open(os.path.join(HLO_DIR, f"{name}.{time.strftime('%H%M%S')}.hlo.txt"), "w") as f:
+      f.write(text)
+  hlo_flops, hbm = hlo_cost(text)
   return Report(name, compile_s, float(ma.argument_size_in_bytes), float(ma.output_size_in_bytes),
                 float(ma.alias_size_in_bytes), float(ma.temp_size_in_bytes), float(ma.generated_code_size_in_bytes),
-                resident, float(ca.get("flops", 0.0)), hlo_flops, kernel_flops, model_flops, hbm, hint)
+                resident, float(ca.get("flops", 0.0)), hlo_flops, kernel_flops, model_flops, hbm, hint,
+                gathered_outside_loops=gathered_outside_loops(text)[0])
 
 
 def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_pass", "prefill", "decode"),
@@ -855,6 +1006,7 @@ def extrapolate(small: list[Report], large: list[Report], n_small: int, n_large:
         alias=lin(a.alias, b.alias), temp=lin(a.temp, b.temp), code=max(a.code, b.code),
         resident=lin(a.resident, b.resident), xla_flops=lin(a.xla_flops, b.xla_flops),
         hlo_flops=lin(a.hlo_flops, b.hlo_flops), kernel_flops=b.kernel_flops, hbm_bytes=lin(a.hbm_bytes, b.hbm_bytes),
+        gathered_outside_loops=lin(a.gathered_outside_loops, b.gathered_outside_loops),
         note=(b.note + "; " if b.note else "") + f"extrapolated from {n_small}/{n_large} layers"))
   return out
 
@@ -882,6 +1034,9 @@ def define_flags():
   flags.DEFINE_integer("images_per_row", 1, "Images per prompt.")
   flags.DEFINE_integer("chunk_prompts", 0, "Rollout chunk in prompts (0: rollout.chunk_prompts or the KV budget).")
   flags.DEFINE_string("label", "", "Config label of the markdown rows (default: the --config argument).")
+  flags.DEFINE_string("hlo_dir", "", "Write each compiled module's text there (<program>.<time>.hlo.txt).")
+  flags.DEFINE_string("save", "", "JSON file: each compiled point's reports are stored as they finish, and a point "
+                      "stored there by the same command line is reused instead of compiled again.")
   flags.mark_flags_as_required(["config"])
 
 
@@ -894,11 +1049,39 @@ def _config_argument(argv) -> str:
   return ""
 
 
+def _point_key(argv, layers) -> str:
+  """A compiled point's identity: the command line (without --save) and the depth compiled."""
+  args = [x for x in argv[1:] if not x.startswith("--save")]
+  return json.dumps([sorted(args), layers])
+
+
+def cached_point(path: str, key: str, compile_fn: Callable[[], list[Report]]) -> list[Report]:
+  """``compile_fn()``'s reports, read from / stored in the JSON file ``path`` under ``key`` (no file: no cache)."""
+  stored = {}
+  if path and os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+  if key in stored:
+    print(f"\nreusing the reports stored in {path} for {key}")
+    return [Report(**r) for r in stored[key]]
+  reports = compile_fn()
+  if path:
+    if os.path.exists(path):   # another point may have been stored meanwhile
+      with open(path) as f:
+        stored = json.load(f)
+    stored[key] = [dataclasses.asdict(r) for r in reports]
+    with open(path, "w") as f:
+      json.dump(stored, f, indent=1)
+  return reports
+
+
 def main(argv):
   del argv
   from absl import flags
   F = flags.FLAGS
   c = F.config
+  global HLO_DIR
+  HLO_DIR = F.hlo_dir
   target = get_target(F.topology)
   config_arg = _config_argument(sys.argv)
   hf = hf_architecture(c, config_arg, F.arch)
@@ -917,10 +1100,12 @@ def main(argv):
       print(f"\n--layers={a}: compiling {a} and {b} decoder layers; figures below are EXTRAPOLATED linearly to "
             f"{full.text.num_hidden_layers} layers")
       ma, mb_ = shortened(full, a), shortened(full, b)
-      ra = scale_kernel_flops(compile_programs(c, ma, target, **kw), ma, full)
+      ra = scale_kernel_flops(cached_point(F.save, _point_key(sys.argv, a),
+                                           lambda: compile_programs(c, ma, target, **kw)), ma, full)
       # A program already too large when shortened is not compiled again.
       again = tuple(r.name for r in ra if not _oom(r))
-      rb = scale_kernel_flops(compile_programs(c, mb_, target, **{**kw, "programs": again}), mb_, full) if again else []
+      rb = scale_kernel_flops(cached_point(F.save, _point_key(sys.argv, b), lambda: compile_programs(
+          c, mb_, target, **{**kw, "programs": again})), mb_, full) if again else []
       by_name = {r.name: r for r in rb}
       reports = extrapolate(ra, [by_name.get(r.name, r) for r in ra], a, b, full.text.num_hidden_layers)
       print("\nextrapolated to the full depth:")

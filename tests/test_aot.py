@@ -143,6 +143,21 @@ def test_extrapolate_is_linear_in_depth():
   assert (r.kernel_flops, r.model_flops) == (7, 9) and "extrapolated" in r.note
 
 
+def test_cached_point_stores_and_reuses_reports(tmp_path):
+  """--save: a point's reports are stored once compiled and read back, not compiled again, by the same
+  command line; another command line or depth compiles."""
+  r = aot.Report("p", 1.0, argument=4, output=1, alias=0, temp=10, code=5, resident=0, xla_flops=100,
+                 hlo_flops=200, kernel_flops=7, model_flops=9, hbm_bytes=30, note="n", gathered_outside_loops=3)
+  path, calls = str(tmp_path / "points.json"), []
+  compile_fn = lambda: calls.append(1) or [r]
+  key = aot._point_key(["aot", "--layers=1", "--save=x"], 1)
+  assert aot.cached_point(path, key, compile_fn) == [r] and len(calls) == 1
+  assert aot.cached_point(path, aot._point_key(["aot", "--save=y", "--layers=1"], 1), compile_fn) == [r]
+  assert len(calls) == 1
+  aot.cached_point(path, aot._point_key(["aot", "--layers=1"], 2), compile_fn)
+  assert len(calls) == 2
+
+
 def test_shortened_model_keeps_the_block_mix():
   mc = aot.shortened(_mc("Qwen2.5-VL-3B-Instruct"), 9)
   assert mc.text.num_hidden_layers == 9 and mc.vision.depth == 8 and mc.vision.fullatt_block_indexes == (7,)
@@ -161,6 +176,104 @@ def test_hlo_cost_counts_loop_trips():
   flops, hbm = aot.hlo_cost(text)
   assert flops == 7 * 2 * 16 * 32 * 24
   assert hbm > 7 * 16 * 32 * 4      # every step reads its slice at least
+
+
+def test_conv_flops_count_only_taps_on_real_input():
+  """The TPU compiler's matmul-as-convolution (a 3x16 window over a 1x1 input padded by 2 and 15: one
+  real tap per output) counts as the [5120, 1280] x [1280, 3840] matmul; an unpadded window counts all
+  its taps; a padded, strided 1-D convolution matches a count of its taps on real input."""
+  qkv = aot.conv_flops("5120,3,16,80", "bf16[5120,1280,1,1]", "bf16[3,16,80,1280]",
+                       "window={size=3x16 pad=2_2x15_15 rhs_reversal=1x1}, dim_labels=bf01_01oi->b01f")
+  assert qkv == 2 * 5120 * 1280 * 3 * 16 * 80
+  mlp = aot.conv_flops("6144,11008,1", "bf16[6144,2,1024]", "bf16[2,1024,11008]",
+                       "window={size=2}, dim_labels=b0f_0io->bf0")
+  assert mlp == 2 * 6144 * 2048 * 11008
+  n, w, pad, stride = 10, 3, (2, 1), 2
+  out = (n + sum(pad) - w) // stride + 1
+  taps = sum(1 for o in range(out) for k in range(w) if 0 <= o * stride + k - pad[0] < n)
+  got = aot.conv_flops(f"4,5,{out}", f"f32[4,6,{n}]", f"f32[5,6,{w}]",
+                       f"window={{size={w} stride={stride} pad={pad[0]}_{pad[1]}}}, dim_labels=bf0_oi0->bf0")
+  assert got == 2 * 4 * 5 * 6 * taps
+  # The same through a compiled module (XLA CPU writes the convolution with its own labels).
+  x = jax.ShapeDtypeStruct((4, 6, n), jnp.float32)
+  k = jax.ShapeDtypeStruct((5, 6, w), jnp.float32)
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (stride,), [pad])
+  assert aot.hlo_cost(jax.jit(conv).lower(x, k).compile().as_text())[0] == got
+
+
+def test_parse_hlo_joins_multi_line_kernel_configs():
+  """A Mosaic kernel's backend config spans lines, one starting with '}}': the computation goes on
+  after it (its later dot is counted)."""
+  text = "\n".join([
+      "HloModule m",
+      "",
+      "ENTRY %main (p0: f32[8,16], p1: f32[16,4]) -> f32[8,4] {",
+      "  %p0 = f32[8,16]{1,0} parameter(0)",
+      "  %p1 = f32[16,4]{1,0} parameter(1)",
+      '  %k = f32[8,16]{1,0} custom-call(%p0), custom_call_target="tpu_custom_call", frontend_attributes={m={',
+      '"xprof_metadata":"{}"',
+      '}}, metadata={op_name="kernel"}',
+      "  ROOT %d = f32[8,4]{1,0} dot(%k, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
+      "}",
+      ""])
+  comps, entry = aot.parse_hlo(text)
+  assert entry == "main" and [i[0] for i in comps["main"]] == ["p0", "p1", "k", "d"]
+  assert aot.hlo_cost(text)[0] == 2 * 8 * 16 * 4
+
+
+STEPPED_LOOP = """HloModule m
+
+%cond (p: (u32[], f32[8,16])) -> pred[] {
+  %p = (u32[], f32[8,16]{1,0}) parameter(0)
+  %i = u32[] get-tuple-element(%p), index=0
+  %bound = u32[] constant(BOUND)
+  ROOT %lt = pred[] compare(%i, %bound), direction=LT
+}
+
+%body (q: (u32[], f32[8,16])) -> (u32[], f32[8,16]) {
+  %q = (u32[], f32[8,16]{1,0}) parameter(0)
+  %j = u32[] get-tuple-element(%q), index=0
+  %x = f32[8,16]{1,0} get-tuple-element(%q), index=1
+  %w = f32[16,16]{1,0} constant({...})
+  %d = f32[8,16]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %step = u32[] constant(STEP)
+  %next = u32[] add(%j, %step)
+  ROOT %t = (u32[], f32[8,16]{1,0}) tuple(%next, %d)
+}
+
+ENTRY %main (a: f32[8,16]) -> (u32[], f32[8,16]) {
+  %a = f32[8,16]{1,0} parameter(0)
+  %zero = u32[] constant(START)
+  %init = (u32[], f32[8,16]{1,0}) tuple(%zero, %a)
+  ROOT %loop = (u32[], f32[8,16]{1,0}) while(%init), condition=%cond, body=%body
+}
+"""
+
+
+@pytest.mark.parametrize("start,bound,step,trips", [(0, 8, 1, 8), (0, 8, 2, 4), (1, 8, 2, 4), (0, 7, 2, 4)])
+def test_hlo_cost_follows_the_induction_variable(start, bound, step, trips):
+  """A loop the compiler unrolled steps by 2 to the same bound: half the trips of its bound."""
+  text = STEPPED_LOOP.replace("BOUND", str(bound)).replace("STEP", str(step)).replace("START", str(start))
+  assert aot.hlo_cost(text)[0] == trips * 2 * 8 * 16 * 16
+
+
+def test_gathered_outside_loops_tells_hoisted_from_per_step_gathers():
+  """A weight gathered before a 3-step scan counts outside (live across the loop); the scanned slice
+  gathered in the body counts inside; bytes are the gathered (full) shapes."""
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.asarray(jax.devices()[:4]), ("fsdp",))
+  full = NamedSharding(mesh, P())
+  w = jax.ShapeDtypeStruct((256, 128), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))
+  xs = jax.ShapeDtypeStruct((3, 16, 256), jnp.float32, sharding=NamedSharding(mesh, P(None, "fsdp")))
+
+  def f(w, xs):
+    w = jax.lax.with_sharding_constraint(w, full)
+    body = lambda c, x: (c + jnp.sum(jnp.tanh(jax.lax.with_sharding_constraint(x, full) @ w)), None)
+    return jax.lax.scan(body, 0.0, xs)[0]
+
+  text = jax.jit(f).lower(w, xs).compile().as_text()
+  assert aot.gathered_outside_loops(text) == (256 * 128 * 4, 16 * 256 * 4)
 
 
 # -- TPU compiles (libtpu) ----------------------------------------------------------------------
