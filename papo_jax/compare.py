@@ -123,7 +123,8 @@ def plot(runs: dict[str, list[list[dict]]], path: str) -> None:
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
   keys = [("reward/overall", "training reward (5-step mean)", 5), ("val/accuracy", "held-out accuracy (greedy)", 1),
           ("actor/kl_prcp", "perception KL (5-step mean)", 5)]
-  for label, replicates in runs.items():
+  for i, (label, replicates) in enumerate(runs.items()):
+    color = f"C{i}"   # one colour per variant in every panel (a variant may have no curve in one)
     for ax, (key, _, k) in zip(axes, keys):
       curves = []
       for rows in replicates:
@@ -135,17 +136,18 @@ def plot(runs: dict[str, list[list[dict]]], path: str) -> None:
         continue
       n = min(len(v) for _, v in curves)
       steps, stack = curves[0][0][:n], np.stack([v[:n] for _, v in curves])
-      line, = ax.plot(steps, stack.mean(0), label=f"{label} ({len(curves)} seeds)",
-                      marker="o" if key == "val/accuracy" else None)
-      ax.fill_between(steps, stack.min(0), stack.max(0), color=line.get_color(), alpha=0.15)
+      ax.plot(steps, stack.mean(0), color=color, label=f"{label} ({len(curves)} seeds)",
+              marker="o" if key == "val/accuracy" else None)
+      ax.fill_between(steps, stack.min(0), stack.max(0), color=color, alpha=0.15)
   for ax, (key, title, _) in zip(axes, keys):
     ax.set(title=title, xlabel="step")
     ax.grid(alpha=0.3)
   axes[1].axhline(0.25, color="gray", ls="--", lw=1, label="chance")
   if axes[2].lines:
     axes[2].set_yscale("log")
-  axes[0].legend(fontsize=8)
-  axes[1].legend(fontsize=8)
+  for ax in axes:
+    if ax.lines:
+      ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
