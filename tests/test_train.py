@@ -47,6 +47,12 @@ def _metrics(workdir, *, with_initial_validation=False):
   return rows if with_initial_validation else [r for r in rows if r["step"] >= 1]
 
 
+def _steps_logged(path):
+  """Complete training-step rows in a metrics.jsonl being written (the step-0 validation row excluded)."""
+  with open(path) as f:
+    return sum(line.endswith("\n") and not line.startswith('{"step": 0,') for line in f)
+
+
 def _samples(workdir):
   with open(os.path.join(workdir, "samples.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -262,7 +268,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_bit_exact(un
   p = subprocess.Popen([sys.executable, "-m", "papo_jax.train", f"--config={TINY}", f"--workdir={wd}", *args],
                        cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
   metrics, deadline = os.path.join(wd, "metrics.jsonl"), time.time() + 400
-  while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
+  # two training steps logged (the step-0 held-out row does not count), so the stop lands mid-run
+  while not (os.path.exists(metrics) and _steps_logged(metrics) >= 2):
     if p.poll() is not None or time.time() > deadline:
       p.kill()
       pytest.fail("run ended before SIGTERM:\n" + open(tmp_path / "first.log").read()[-3000:])
