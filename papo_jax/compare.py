@@ -168,7 +168,10 @@ def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump({v: {k: list(ms) for k, ms in agg.items()} for v, agg in table.items()}, f, indent=1)
   if runs:
-    plot(runs, os.path.join(out, "compare.png"))
+    try:
+      plot(runs, os.path.join(out, "compare.png"))
+    except ImportError:   # matplotlib is not a dependency of the trainer (the test extra has it)
+      logging.warning("no figure: pip install matplotlib")
   return md
 
 
