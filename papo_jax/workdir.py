@@ -67,34 +67,30 @@ def read_text(path: str) -> str:
     return f.read()
 
 
-def write_text(path: str, text: str) -> None:
-  """Writes ``text`` whole (local: through a temporary file, so a kill never leaves half a file)."""
+def _write_whole(path: str, data, mode: str) -> None:
+  """Writes ``data`` whole (local: parents created, through a temporary file, so a kill never
+  leaves half a file)."""
   if is_url(path):
-    with open_file(path, "w") as f:
-      f.write(text)
-    return
-  path = _local(path)
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def write_bytes(path: str, data: bytes) -> None:
-  """Writes ``data`` whole (a PNG, ...); local parents are created, a kill never leaves half a file."""
-  if is_url(path):
-    with open_file(path, "wb") as f:
+    with open_file(path, mode) as f:
       f.write(data)
     return
   path = _local(path)
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_")
-  with os.fdopen(fd, "wb") as f:
+  with os.fdopen(fd, mode) as f:
     f.write(data)
   os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes ``text`` whole (see :func:`_write_whole`)."""
+  _write_whole(path, text, "w")
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes ``data`` whole (a PNG, ...; see :func:`_write_whole`)."""
+  _write_whole(path, data, "wb")
 
 
 def read_bytes(path: str) -> bytes:
