@@ -126,7 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.reward = dict(name="math", timeout_s=5.0, num_workers=2, overlap=True, format_mode="auto")
   c.optim = dict(lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0, mini_batches=3,
                  micro_batches=8, logprob_chunk=512)
-  c.train = dict(steps=202, seed=0, warmup_sft_steps=0, warmup_lr=0.0)
+  # compilation_cache: JAX's persistent cache of compiled programs, so a resume does not compile again
+  # ("auto" = $JAX_COMPILATION_CACHE_DIR or $PAPO_JAX_CACHE/xla; "" = off; else a directory or gs:// URL).
+  c.train = dict(steps=202, seed=0, warmup_sft_steps=0, warmup_lr=0.0, compilation_cache="auto")
   # rules: ((logical axis, mesh axis | tuple of axes | None), ...) replacing or adding entries of
   # parallel.DEFAULT_RULES (e.g. (("batch", ("data",)),)); () = the default rules.
   c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=())
@@ -363,6 +365,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   need(c.algo.name in ("grpo", "dapo"), "algo.name", f"{c.algo.name!r} is not grpo|dapo")
   need(c.algo.dapo_chunk >= 1, "algo.dapo_chunk", f"{c.algo.dapo_chunk} < 1")
   need(c.algo.dapo_max_rounds >= 1, "algo.dapo_max_rounds", f"{c.algo.dapo_max_rounds} < 1")
+  if c.algo.dynamic_sampling:   # the rounds must generate a full batch, filtered or not (DynamicSampler)
+    chunk = min(c.algo.dapo_chunk, c.data.batch_size)
+    need(chunk * c.algo.dapo_max_rounds >= c.data.batch_size, "algo.dapo_max_rounds",
+         f"{c.algo.dapo_max_rounds} rounds of {chunk} prompts cannot fill data.batch_size={c.data.batch_size}")
   need(c.papo.gamma >= 0, "papo.gamma", f"{c.papo.gamma} < 0 (the perception KL is subtracted already)")
   rows = c.data.batch_size * c.rollout.n
   need(rows % (c.optim.mini_batches * c.optim.micro_batches) == 0, "optim.micro_batches",

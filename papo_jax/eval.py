@@ -514,6 +514,8 @@ def run(c: ml_collections.ConfigDict, checkpoint: str, out_dir: str, *, step: in
 def main(argv):
   del argv
   out = FLAGS.out or os.path.join(FLAGS.checkpoint, "eval")
+  from papo_jax.workdir import use_compilation_cache
+  use_compilation_cache(FLAGS.config.train.compilation_cache)
   try:
     run(FLAGS.config, FLAGS.checkpoint, out, step=FLAGS.step, baseline_path=FLAGS.baseline)
   except (ValueError, FileNotFoundError) as e:

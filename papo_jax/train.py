@@ -88,6 +88,7 @@ class Collected(NamedTuple):
   rounds: int                   # generation rounds (DAPO refills)
   seconds_generating: float
   stats: dict                   # data pipeline stats of the last prompt batch
+  padded_groups: int = 0        # DAPO: filtered groups that filled the batch after algo.dapo_max_rounds
 
 
 def collect_groups(run: Run, params, step: int) -> Collected:
@@ -135,7 +136,7 @@ def collect_groups(run: Run, params, step: int) -> Collected:
   kept = dapo.result()
   rewards = {k: np.concatenate([r[k] for _, r, _ in kept]) for k in kept[0][1]}
   return Collected([g for g, _, _ in kept], done_future((rewards, seconds_grade)), False,
-                   [s for _, _, ss in kept for s in ss], dapo.rounds, seconds_gen, batch.stats)
+                   [s for _, _, ss in kept for s in ss], dapo.rounds, seconds_gen, batch.stats, dapo.padded_groups)
 
 
 # ============================================================================================
@@ -287,6 +288,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   t_start = time.perf_counter()
   # ---------------------------------------------------------------- setup & mesh
   start_distributed()
+  cache = workdir_lib.use_compilation_cache(c.train.compilation_cache)
+  logging.info("compiled programs cached in %s", cache or "(nowhere: train.compilation_cache is empty)")
   ckpts, start = open_run(c, workdir)
   if start >= c.train.steps:
     return finished_run(c, workdir, ckpts)
@@ -317,8 +320,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
       col = collect_groups(run, state.params, step)
       state, step_metrics, rewards, timing, perception = update(
           run, state, ref_params, col, terms.gamma, terms.entropy_scale, metrics_lib.is_sample_step(c, step + 1))
-      metrics = metrics_lib.step_row(step_metrics, rewards, col.groups, {**timing, "dapo/rounds": col.rounds},
-                                     col.stats, c, terms.gamma, time.perf_counter() - t0)
+      extra = {**timing, "dapo/rounds": col.rounds, "dapo/padded_groups": col.padded_groups}
+      metrics = metrics_lib.step_row(step_metrics, rewards, col.groups, extra, col.stats, c, terms.gamma,
+                                     time.perf_counter() - t0)
       if monitor.should_stop(step + 1, metrics):
         monitor_stop = True
         break

@@ -14,7 +14,7 @@ def test_notebook_executes_and_plots_both_runs(tmp_path, monkeypatch):
   nbclient = pytest.importorskip("nbclient")
   out = tmp_path / "runs"
   for k, v in dict(PAPO_NB_STEPS="3", PAPO_NB_WARMUP="2", PAPO_NB_VAL_EVERY="3", PAPO_NB_VAL_QUESTIONS="16",
-                      PAPO_NB_OUT=str(out)).items():
+                      PAPO_NB_OUT=str(out), PAPO_NB_VARIANTS="grpo,papo_g").items():
     monkeypatch.setenv(k, v)
   monkeypatch.delenv("XLA_FLAGS", raising=False)   # one CPU device, as on Colab
   monkeypatch.setenv("MPLBACKEND", "Agg")
@@ -30,6 +30,8 @@ def test_notebook_executes_and_plots_both_runs(tmp_path, monkeypatch):
   text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
   assert "GRPO: final reward" in text and "PAPO-G: final reward" in text
   assert "on 16 questions" in text
+  # By default it trains every method of the comparison (the test trains two, for time).
+  assert all(v in nb.cells[3].source for v in ("grpo", "papo_g", "vppo", "papo_vppo", "noisy_rollout"))
   # A fresh runtime installs from a repository URL; the badge opens the notebook in Colab.
   assert "REPO_URL" in nb.cells[1].source
   assert "colab.research.google.com/github/" in nb.cells[0].source

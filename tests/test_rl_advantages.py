@@ -93,18 +93,29 @@ def test_dynamic_sampler_reaches_target_and_truncates():
     s.add(_chunk(12, 4), np.ones(4, bool))
 
 
-def test_dynamic_sampler_max_rounds_uses_what_was_kept():
-  s = adv.DynamicSampler(target_groups=10, max_rounds=3)
+def test_dynamic_sampler_max_rounds_tops_up_with_filtered_groups():
+  """After max_rounds the kept groups come first, then filtered ones in arrival order: the
+  update batch keeps its static size; only as many filtered groups as a top-up can need are held."""
+  s = adv.DynamicSampler(target_groups=5, max_rounds=3)
   s.add(['a', 'b', 'c'], [False, True, False])
   s.add(['d', 'e', 'f'], [False, False, False])
   assert not s.done
   s.add(['g', 'h', 'i'], [True, False, False])
-  assert s.done and s.fallback
-  assert s.result() == ['b', 'g']
-  assert s.metrics()['dapo/fallback'] == 1.0
+  assert s.done and s.fallback and s.padded_groups == 3
+  assert s.result() == ['b', 'g', 'a', 'c', 'd']
+  m = s.metrics()
+  assert m['dapo/fallback'] == 1.0 and m['dapo/padded_groups'] == 3.0 and m['dapo/groups_kept'] == 2
+  assert sum(len(d) for d in s._dropped) == 5                # not all 7 filtered groups
 
 
-def test_dynamic_sampler_nothing_kept_falls_back_to_last_chunk():
+def test_dynamic_sampler_too_few_generated_returns_all():
+  s = adv.DynamicSampler(target_groups=10, max_rounds=2)
+  s.add(['a', 'b', 'c'], [False, True, False])
+  s.add(['d', 'e', 'f'], [True, False, False])
+  assert s.result() == ['b', 'd', 'a', 'c', 'e', 'f'] and s.padded_groups == 4
+
+
+def test_dynamic_sampler_nothing_kept_fills_with_filtered_groups():
   s = adv.DynamicSampler(target_groups=2, max_rounds=2)
   with pytest.raises(RuntimeError, match='before any add'):
     s.result()
@@ -113,6 +124,6 @@ def test_dynamic_sampler_nothing_kept_falls_back_to_last_chunk():
     s.result()
   s.add(_chunk(3, 3), np.zeros(3, bool))
   assert s.done
-  np.testing.assert_array_equal(s.result()['group_id'], [3, 4])
+  np.testing.assert_array_equal(s.result()['group_id'], [0, 1])
   with pytest.raises(ValueError, match='keep mask shape'):
     adv.DynamicSampler(2).add(_chunk(0, 3), np.zeros(2, bool))

@@ -58,8 +58,10 @@ def _samples(workdir):
     return [json.loads(line) for line in f]
 
 
+# Two mini-batches: the log-prob pass runs before the first update, and rewards are graded in the
+# background meanwhile (reward.overlap, on by default).
 SMALL = ("--config.train.steps=12", "--config.train.warmup_sft_steps=2", "--config.checkpoint.every=2",
-         "--config.data.batch_size=4", "--config.rollout.n=2")
+         "--config.data.batch_size=4", "--config.rollout.n=2", "--config.optim.mini_batches=2")
 
 
 def _final_params(workdir):
@@ -80,8 +82,7 @@ def uninterrupted(tmp_path_factory):
   samples = [json.loads(line) for line in open(os.path.join(wd, "samples.jsonl"))]
   assert sorted({s["step"] for s in samples}) == [4, 8, 12]
   assert all({"prompt", "answer", "response", "reward/overall"} <= set(s) for s in samples)
-  # the reference policy is the policy after the format warm-up: the first update starts on it
-  assert abs(_metrics(wd)[0]["actor/kl_ref"]) <= 1e-6
+  assert all("timing/reward_exposed" in m for m in _metrics(wd))   # graded in the background
   return wd
 
 
@@ -153,11 +154,28 @@ def test_dapo_refills_in_chunks_until_enough_groups_survive_then_truncates():
   assert col.stats["batch_index"] == 3
 
 
-def test_dapo_stops_after_max_rounds():
+def test_dapo_stops_after_max_rounds_with_a_full_batch():
+  """Too few informative groups after algo.dapo_max_rounds: filtered groups (zero advantage) fill
+  the batch, so the update keeps data.batch_size groups and its micro-batch split."""
+  from papo_jax.rl import advantages as adv_lib
   c = _small_config(dynamic_sampling=True, dapo_chunk=2, dapo_max_rounds=3)
-  run = _fake_run(c, [_prompt_batch(("0", "4"), i) for i in range(10)])
+  run = _fake_run(c, [_prompt_batch(a, i) for i, a in enumerate([("0", "4"), ("2", "4"), ("0", "0")] * 3)])
   col = T.collect_groups(run, None, step=0)
   assert col.rounds == 3 and len(run.sampler.calls) == 3
+  assert len(col.groups) == 3 and col.padded_groups == 2
+  rewards, _ = col.rewards.result()
+  acc = rewards["accuracy"].reshape(3, 4)
+  assert acc.mean(1).tolist() == [0.5, 0.0, 1.0]   # the kept group, then filtered ones in arrival order
+  adv = adv_lib.group_advantages(rewards["overall"], group_size=4).reshape(3, 4)
+  assert np.abs(adv[0]).sum() > 0 and not adv[1:].any()
+  assert [a for _, a, _ in col.samples][::4] == ["2", "0", "4"]
+
+
+def test_dapo_rounds_that_cannot_fill_a_batch_are_a_config_error():
+  from papo_jax.config_base import ConfigError, validate_config
+  c = _small_config(dynamic_sampling=True, dapo_chunk=1, dapo_max_rounds=2)
+  with pytest.raises(ConfigError, match="algo.dapo_max_rounds"):
+    validate_config(c)
 
 
 @pytest.mark.parametrize("overlap,mini", [(False, 1), (False, 3), (True, 3)])
@@ -188,29 +206,6 @@ def test_a_workdir_url_orbax_cannot_write_needs_a_checkpoint_dir(tmp_path):
   r = _run("memory://bucket/run", timeout=120)
   assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
   assert "checkpoint.dir" in r.stderr and "gs://" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
-
-
-@pytest.mark.slow
-def test_rewards_graded_during_logprob_pass_give_the_same_run(tmp_path):
-  """Grading in the background while the log-prob pass runs changes timing only, not results."""
-  runs, samples = {}, {}
-  for overlap in (True, False):
-    wd = str(tmp_path / f"overlap_{overlap}")
-    r = _run(wd, *SMALL, "--config.train.steps=3", "--config.optim.mini_batches=2", "--config.val.every=0",
-             f"--config.reward.overlap={overlap}", "--config.log.samples_every=1")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    runs[overlap] = (_final_params(wd), _metrics(wd))
-    samples[overlap] = _samples(wd)
-  (step_a, a), m_a = runs[True]
-  (step_b, b), m_b = runs[False]
-  assert step_a == step_b == 3
-  for x, y in zip(a, b):
-    np.testing.assert_array_equal(x, y)
-  assert all("timing/reward_exposed" in m for m in m_a) and not any("timing/reward_exposed" in m for m in m_b)
-  assert [m["reward/overall"] for m in m_a] == [m["reward/overall"] for m in m_b]
-  # the samples' visual dependency here comes from the log-prob pass (two mini-batches)
-  assert samples[True] == samples[False] and sorted({r["step"] for r in samples[True]}) == [1, 2, 3]
-  assert all(len(r["dependency"]) == len(r["tokens"]) >= 1 for r in samples[True])
 
 
 @pytest.mark.slow
@@ -259,11 +254,13 @@ def _compared(row):
 @pytest.mark.xdist_group("uninterrupted")
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_bit_exact(uninterrupted, tmp_path):
   """A preempted VM's SIGTERM: exit 0 with a checkpoint of the finished step; the rerun computes each
-  remaining step once and ends where the uninterrupted run ends (metrics and parameters bit-exact)."""
+  remaining step once and ends where the uninterrupted run ends (metrics, samples and parameters
+  bit-exact). This run grades rewards in the foreground, the uninterrupted one in the background
+  during the log-prob pass: that changes timing only."""
   from papo_jax import workdir as W
   wd = str(tmp_path / "preempted")
   # checkpoint.every beyond the run: the only mid-run checkpoint is the one the SIGTERM writes
-  args = (*SMALL, "--config.log.samples_every=4", "--config.checkpoint.every=100")
+  args = (*SMALL, "--config.log.samples_every=4", "--config.checkpoint.every=100", "--config.reward.overlap=False")
   log = open(tmp_path / "first.log", "w")
   p = subprocess.Popen([sys.executable, "-m", "papo_jax.train", f"--config={TINY}", f"--workdir={wd}", *args],
                        cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -291,6 +288,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_bit_exact(un
   rows = _metrics(wd)
   assert [m["step"] for m in rows] == list(range(1, 13))    # no step logged twice, none missing
   assert [_compared(m) for m in rows] == [_compared(m) for m in _metrics(uninterrupted)]
+  assert not any("timing/reward_exposed" in m for m in rows)
+  assert _samples(wd) == _samples(uninterrupted)
   step_a, a = _final_params(uninterrupted)
   step_b, b = _final_params(wd)
   assert step_a == step_b == 12 and len(a) == len(b)
@@ -316,7 +315,12 @@ def test_workdir_on_a_url(tmp_path, monkeypatch):
     fs, root = W.filesystem(url)
     rows = W.read_jsonl(W.join(url, "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["reward/overall"] == metrics["reward/overall"]
-    assert sorted({r["step"] for r in W.read_jsonl(W.join(url, "samples.jsonl"))}) == [1, 2]
+    # the reference policy is the policy after the format warm-up: the first update starts on it
+    assert abs(rows[0]["actor/kl_ref"]) <= 1e-6 < abs(rows[1]["actor/kl_ref"])
+    samples = W.read_jsonl(W.join(url, "samples.jsonl"))
+    assert sorted({r["step"] for r in samples}) == [1, 2]
+    # one mini-batch: a sample step runs the log-prob pass for the tokens' visual dependency alone
+    assert c.optim.mini_batches == 1 and all(len(r["dependency"]) == len(r["tokens"]) >= 1 for r in samples)
     assert json.loads(W.read_text(W.join(url, "config.json")))["train"]["steps"] == 2
     assert any("events" in f for f in fs.ls(root + "/tb", detail=False))
     assert W.is_done(url)
@@ -332,7 +336,7 @@ def test_workdir_on_a_url(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.xdist_group("uninterrupted")
 def test_samples_carry_visual_dependency_and_inspect_renders(uninterrupted, tmp_path):
-  """PAPO-G with one mini-batch: each sample step runs the masked log-prob pass, so the logged rows carry
+  """PAPO-G: each sample step has the masked log-probs of the log-prob pass, so the logged rows carry
   every response token's visual dependency, the step's images and histogram are written, and
   `python -m papo_jax.inspect` renders the last step."""
   from PIL import Image
@@ -387,21 +391,20 @@ def test_export_loads_in_transformers_with_same_logits(uninterrupted, tmp_path):
 @pytest.mark.slow
 def test_tiny_demo_learns(tmp_path):
   """A shortened README demo: mean reward rises well above its start (deterministic on CPU)."""
-  from papo_jax.train import train
-  c = tiny_config("papo_g")
-  c.train.steps = 80   # the colour task leaves chance at ~step 40-50 (the full demo runs 150)
-  c.checkpoint.every = 80
-  c.val.every = 40
-  metrics = train(c, str(tmp_path / "demo"))
-  rows = _metrics(str(tmp_path / "demo"))
+  wd = str(tmp_path / "demo")
+  every, steps = 40, 80   # the colour task leaves chance at ~step 40-50 (the full demo runs 150)
+  r = _run(wd, f"--config.train.steps={steps}", f"--config.checkpoint.every={steps}", f"--config.val.every={every}",
+           "--config.val.batches=1")
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  rows = _metrics(wd)
   start = np.mean([r["reward/overall"] for r in rows[:5]])
   end = np.mean([r["reward/overall"] for r in rows[-10:]])
   assert end > start + 0.1, (start, end)
   assert all(r["actor/kl_prcp"] > 0 for r in rows)
-  assert metrics["reward/format"] > 0.5
-  val = [r for r in _metrics(str(tmp_path / "demo"), with_initial_validation=True) if "val/overall" in r]
-  every = c.val.every   # held-out validation before RL, every val.every steps and at the end
-  assert [r["step"] for r in val] == sorted({0, *range(every, c.train.steps + 1, every), c.train.steps})
+  assert rows[-1]["reward/format"] > 0.5
+  val = [r for r in _metrics(wd, with_initial_validation=True) if "val/overall" in r]
+  # held-out validation before RL, every val.every steps and at the end
+  assert [r["step"] for r in val] == sorted({0, *range(every, steps + 1, every), steps})
   assert all(0.0 <= r["val/accuracy"] <= 1.0 for r in val)
 
 

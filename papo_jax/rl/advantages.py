@@ -98,8 +98,11 @@ class DynamicSampler:
   The trainer loops `while not sampler.done:` generating a chunk of prompts, then calls
   `add(chunk, keep_G)`. A chunk is either a mapping of arrays whose leading axis is the
   group axis ([G, ...]) or a sequence of per-group objects. `result()` returns exactly
-  `target_groups` groups when enough survived; after `max_rounds` it returns what was
-  kept, or, if nothing was kept at all, the last chunk's groups (with a warning).
+  `target_groups` groups: the kept ones when enough survived; after `max_rounds`, the kept
+  ones topped up with filtered groups in the order they came (with a warning). A filtered
+  group's rewards are all equal, so its advantages are 0 and it adds no policy gradient;
+  the update keeps its static shape (rows = target_groups x n). Fewer come back only when
+  fewer than `target_groups` were generated in all (the trainer's config check rules that out).
   """
 
   def __init__(self, target_groups: int, max_rounds: int = DAPO_MAX_ROUNDS):
@@ -112,7 +115,8 @@ class DynamicSampler:
     self.groups_seen = 0
     self.groups_kept = 0
     self._kept: list[Any] = []
-    self._last_chunk: Any = None
+    self._dropped: list[Any] = []   # filtered groups, only as many as a top-up can need
+    self._dropped_count = 0
 
   @property
   def done(self) -> bool:
@@ -130,36 +134,40 @@ class DynamicSampler:
       raise ValueError(f'DynamicSampler.add: keep mask shape {keep_G.shape} for {g} groups')
     self.rounds += 1
     self.groups_seen += g
-    self._last_chunk = chunk
     idx = np.flatnonzero(keep_G)
     if idx.size:
       self._kept.append(_select(chunk, idx))
       self.groups_kept += int(idx.size)
     else:
       logging.info('DAPO round %d: none of %d groups kept', self.rounds, g)
+    dropped = np.flatnonzero(~keep_G)[:max(self.target_groups - self._dropped_count, 0)]
+    if dropped.size:
+      self._dropped.append(_select(chunk, dropped))
+      self._dropped_count += int(dropped.size)
 
   @property
   def fallback(self) -> bool:
-    """True when result() returns fewer than target_groups or unfiltered groups."""
+    """True when result() tops the kept groups up with filtered ones."""
     return self.groups_kept < self.target_groups
 
+  @property
+  def padded_groups(self) -> int:
+    """How many filtered groups result() adds."""
+    return min(max(self.target_groups - self.groups_kept, 0), self._dropped_count)
+
   def result(self) -> Any:
-    """The kept groups truncated to target_groups (see the class docstring for fallbacks)."""
+    """Exactly target_groups groups (see the class docstring)."""
     if self.rounds == 0:
       raise RuntimeError('DynamicSampler.result before any add()')
     if not self.done:
       raise RuntimeError(f'DynamicSampler.result before done: {self.groups_kept}/'
                          f'{self.target_groups} groups after {self.rounds} rounds')
-    if self._kept:
-      if self.fallback:
-        logging.warning('DAPO: only %d/%d groups survived %d rounds; training on those',
-                        self.groups_kept, self.target_groups, self.rounds)
-      merged = _concat(self._kept)
-      return _select(merged, np.arange(min(self.groups_kept, self.target_groups)))
-    logging.warning('DAPO: no group survived %d rounds; training on the last chunk unfiltered',
-                    self.rounds)
-    g = _num_groups(self._last_chunk)
-    return _select(self._last_chunk, np.arange(min(g, self.target_groups)))
+    if not self.fallback:
+      return _select(_concat(self._kept), np.arange(self.target_groups))
+    logging.warning('DAPO: only %d/%d groups survived %d rounds; %d filtered groups (zero advantage) '
+                    'fill the batch', self.groups_kept, self.target_groups, self.rounds, self.padded_groups)
+    merged = _concat(self._kept + self._dropped)
+    return _select(merged, np.arange(min(_num_groups(merged), self.target_groups)))
 
   def metrics(self) -> dict[str, float]:
     """Counts for logging (names under dapo/)."""
@@ -169,4 +177,5 @@ class DynamicSampler:
         'dapo/groups_kept': float(self.groups_kept),
         'dapo/keep_frac': self.groups_kept / max(self.groups_seen, 1),
         'dapo/fallback': float(self.fallback),
+        'dapo/padded_groups': float(self.padded_groups),
     }
