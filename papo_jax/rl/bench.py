@@ -78,8 +78,12 @@ def main(argv):
   def variant(name):   # the trainer's step switches for a config variant (papo_jax/config_base.py)
     return dataclasses.replace(step_config(apply_variant(base_config(), name)), logprob_chunk=StepConfig.logprob_chunk)
 
+  grpo = StepConfig(loss=LossConfig(beta=0.01))
+  # (name, step config, run the log-prob pass): with optim.mini_batches > 1 (the paper's 3) every
+  # variant runs the pass, GRPO included, so the second GRPO row is the baseline of the pass rows.
   variants = [
-      ("GRPO (beta 0.01)", StepConfig(loss=LossConfig(beta=0.01))),
+      ("GRPO (beta 0.01)", grpo),
+      ("GRPO, log-prob pass (mini_batches > 1)", grpo),
       ("PAPO-G (gamma 0.02), mask_grad=False", StepConfig(loss=LossConfig(beta=0.01, gamma=0.02))),
       ("PAPO-G + eta 0.05, mask_grad=True", StepConfig(loss=LossConfig(beta=0.01, gamma=0.02, eta_ori=0.05,
                                                                         eta_mask=0.05), mask_grad=True)),
@@ -91,7 +95,8 @@ def main(argv):
   rows = []
   for name, sc in variants:
     step = jax.jit(make_train_step(graphdef, tx, sc), donate_argnums=(0,))
-    logprob_pass = jax.jit(make_logprob_pass(graphdef, sc)) if sc.needs_logprob_pass else None
+    with_pass = sc.needs_logprob_pass or "log-prob pass" in name
+    logprob_pass = jax.jit(make_logprob_pass(graphdef, sc)) if with_pass else None
 
     def update(state):
       if logprob_pass is None:
@@ -114,12 +119,14 @@ def main(argv):
   print(f"\npreset={FLAGS.preset} dtype={dtype} rows={FLAGS.rows} prompt={FLAGS.prompt} response={FLAGS.response} "
         f"image={FLAGS.image_side}px devices={jax.devices()[0].platform}x{jax.device_count()}")
   print(f"{'variant':<40} {'pass':>4} {'compile s':>10} {'step s':>9} {'tokens/s':>10} {'vs GRPO':>8} "
-        f"{'MFU(policy)':>11}")
+        f"{'vs GRPO+pass':>12} {'MFU(policy)':>11}")
   for name, with_pass, c, t, tps, mfu in rows:
+    same = f"{t / rows[1][3]:>11.2f}x" if with_pass else f"{'-':>12}"
     print(f"{name:<40} {'yes' if with_pass else 'no':>4} {c:>10.2f} {t:>9.3f} {tps:>10.0f} {t / rows[0][3]:>7.2f}x "
-          f"{mfu:>11.1%}")
-  print("pass: the step includes the log-prob pass (old + masked [+ ref] log-probs; with optim.mini_batches > 1 "
-        "every variant runs it). NoisyRollout: GRPO's step (only its rollouts differ).")
+          f"{same} {mfu:>11.1%}")
+  print("pass: the step includes the log-prob pass (old + masked [+ ref] log-probs). With one mini-batch only VPPO "
+        "needs it ('vs GRPO'); with optim.mini_batches > 1, as in the paper, every variant runs it ('vs GRPO+pass'). "
+        "NoisyRollout: GRPO's step (only its rollouts differ).")
 
 if __name__ == "__main__":
   app.run(main)
