@@ -3,7 +3,8 @@ initial model, the frozen reference policy.
 
 Layout (orbax, one directory per step under ``checkpoint.dir`` or ``<workdir>/checkpoints``):
 ``state`` (TrainState: step, params, optimizer state), ``meta`` (JSON: the data position
-of process 0 and of every process, the step, whether ``ref`` is saved) and ``ref`` (the
+of process 0 and of every process, the step, whether ``ref`` is saved, the KL_prcp monitor's
+state) and ``ref`` (the
 reference parameters, saved when a format warm-up made them differ from the checkpoint
 the run started from).
 
@@ -42,16 +43,19 @@ class Checkpoints:
     self.dir = checked_checkpoint_dir(c, workdir)
     self.mngr = ocp.CheckpointManager(self.dir, options=ocp.CheckpointManagerOptions(
         max_to_keep=c.checkpoint.keep, enable_async_checkpointing=True))
+    self.restored_monitor: dict | None = None   # the monitor state of the step restore() read
 
   def latest_step(self) -> int:
     """The last saved step, 0 when there is none."""
     return self.mngr.latest_step() or 0
 
-  def save(self, step: int, state, data_iterator, ref_params=None) -> None:
+  def save(self, step: int, state, data_iterator, ref_params=None, monitor_state: dict | None = None) -> None:
+    """``monitor_state``: :meth:`metrics.Monitor.state` (γ halvings and recent metrics), so a
+    resumed run lowers γ and warns exactly as the uninterrupted one."""
     ocp = self.ocp
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({
         "data": data_iterator.get_state(), "data_per_process": allgather_objects(data_iterator.get_state()),
-        "step": step, "ref": ref_params is not None}))
+        "step": step, "ref": ref_params is not None, "monitor": monitor_state}))
     if ref_params is not None:
       items["ref"] = ocp.args.StandardSave(ref_params)
     self.mngr.save(step, args=ocp.args.Composite(**items))
@@ -64,6 +68,7 @@ class Checkpoints:
     """
     ocp = self.ocp
     meta = self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    self.restored_monitor = meta.get("monitor")
     items = dict(state=ocp.args.StandardRestore(state))
     if ref_params is not None and meta.get("ref"):
       items["ref"] = ocp.args.StandardRestore(ref_params)

@@ -103,10 +103,24 @@ class Monitor:
   trainer reads :attr:`gamma_halvings`) | stop.
   """
 
+  # the metrics check() reads: all a resumed run needs of the history
+  KEYS = ("actor/kl_prcp", "actor/pg_clipfrac_higher", "actor/entropy_ori", "actor/entropy_mask")
+
   def __init__(self, m):
     self.cfg = m
     self.hist: list[dict] = []
     self.gamma_halvings = 0
+
+  def state(self) -> dict:
+    """What a checkpoint keeps (JSON): the γ halvings and the last window of checked metrics."""
+    return {"gamma_halvings": self.gamma_halvings,
+            "hist": [{k: float(x[k]) for k in self.KEYS if k in x} for x in self.hist[-self.cfg.window:]]}
+
+  def restore(self, state: dict | None) -> None:
+    """Continues from :meth:`state` (None: a checkpoint written without one; starts afresh)."""
+    if state:
+      self.gamma_halvings = int(state["gamma_halvings"])
+      self.hist = [dict(x) for x in state["hist"]]
 
   def check(self, metrics: dict) -> list[str]:
     warnings = []

@@ -307,6 +307,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---------------------------------------------------------------- the loop
   writer = metrics_lib.MetricWriter(workdir, c, start)
   monitor = metrics_lib.Monitor(c.monitor)
+  monitor.restore(ckpts.restored_monitor)
   metrics = {}
   step, monitor_stop, stop_line = start - 1, False, None
   bar = tqdm(range(start, c.train.steps), initial=start, total=c.train.steps, desc="train",
@@ -331,11 +332,11 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
       # -------------------------------------------------------------- checkpoint
       saved = (step + 1) % c.checkpoint.every == 0 or step + 1 == c.train.steps
       if saved:
-        ckpts.save(step + 1, state, run.it, ref_params if save_ref else None)
+        ckpts.save(step + 1, state, run.it, ref_params if save_ref else None, monitor.state())
       # -------------------------------------------------------------- SIGTERM/SIGINT: every host stops here
       if guard.should_stop(step):
         if not saved:
-          ckpts.save(step + 1, state, run.it, ref_params if save_ref else None)
+          ckpts.save(step + 1, state, run.it, ref_params if save_ref else None, monitor.state())
         ckpts.wait()
         stop_line = guard.stop_message(step)
         logging.info("%s", stop_line)

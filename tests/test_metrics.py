@@ -106,6 +106,30 @@ def test_lower_gamma_halves_gamma_with_and_without_annealing(gamma_end):
   assert after.entropy_scale == pytest.approx(before.entropy_scale / 2)
 
 
+def test_monitor_state_makes_a_resumed_run_decide_as_the_uninterrupted_one():
+  """The checkpointed monitor state (JSON) carries the γ halvings and the recent history: a
+  resumed monitor lowers γ where the uninterrupted one does; a fresh one would miss a spike."""
+  import json
+  rows = [{"actor/kl_prcp": 1e-3 * (1 + 0.1 * i), "actor/entropy_ori": 0.5, "reward/overall": 0.3} for i in range(6)]
+  rows += [{"actor/kl_prcp": 0.1}, {"actor/kl_prcp": 1e-3}, {"actor/kl_prcp": 0.2}]
+
+  def feed(mon, part):
+    for r in part:
+      assert not mon.should_stop(1, dict(r))
+    return mon
+
+  whole = feed(M.Monitor(_monitor_cfg("lower_gamma")), rows)
+  first = feed(M.Monitor(_monitor_cfg("lower_gamma")), rows[:7])
+  saved = json.loads(json.dumps(first.state()))
+  assert saved["gamma_halvings"] == 1 and len(saved["hist"]) == 7 and "reward/overall" not in saved["hist"][0]
+  resumed = M.Monitor(_monitor_cfg("lower_gamma"))
+  resumed.restore(saved)
+  feed(resumed, rows[7:])
+  fresh = feed(M.Monitor(_monitor_cfg("lower_gamma")), rows[7:])
+  assert resumed.gamma_halvings == whole.gamma_halvings == 2 and fresh.gamma_halvings == 0
+  M.Monitor(_monitor_cfg("warn")).restore(None)   # a checkpoint written without a monitor state
+
+
 def test_monitor_stop_action():
   mon = M.Monitor(_monitor_cfg("stop"))
   for _ in range(4):

@@ -280,6 +280,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_bit_exact(un
   assert saved == list(range(1, k + 1)) and 2 <= k < 12, saved
   assert f"stopping after step {k - 1} on SIGTERM: checkpoint at step {k} written" in first, first[-3000:]
   assert sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()) == [k]
+  monitor = json.load(open(os.path.join(wd, "checkpoints", str(k), "meta", "metadata")))["monitor"]
+  assert monitor["gamma_halvings"] == 0 and len(monitor["hist"]) == min(k, 10)   # monitor.window = 10
   assert not W.is_done(wd)                          # supervise must restart a preempted run
   r = _run(wd, *args)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
