@@ -118,7 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
   # adv_scale_min reweights advantages by the response's mean dependency to [min, max], mean 1
   # (-1: off). minmax_chunk / mean_chunk: 0 = normalise over the whole update batch, else sets
   # of that many consecutive rows (the authors' per-device mini-batch / micro-batch).
-  # dependency: k3 (the authors' one-sample estimate from the sampled tokens' log-probs).
+  # dependency: k3 (the authors' one-sample estimate from the sampled tokens' log-probs) | full_kl (the
+  # exact KL over the vocabulary at each response position, computed chunked in the log-prob pass).
   c.vppo = dict(top_frac=-1.0, adv_scale_min=-1.0, minmax_chunk=0, mean_chunk=0, dependency="k3")
   # overlap: grade in the background while the log-prob pass runs (GRPO with optim.mini_batches > 1).
   # format_mode: think (<think>.*</think>.*\boxed{}) | thinking (.*</think>.*\boxed{}, for chat
@@ -396,10 +397,6 @@ def _check_vppo(need, c: ml_collections.ConfigDict, rows_per_update: int) -> Non
   need(v.adv_scale_min == -1 or 0 <= v.adv_scale_min <= 1, "vppo.adv_scale_min",
        f"{v.adv_scale_min} is not -1 (off) or in [0, 1]")
   need(v.dependency in ("k3", "full_kl"), "vppo.dependency", f"{v.dependency!r} is not k3|full_kl")
-  # The exact KL over the vocabulary (rl/vppo.py full_kl_chunked) would have to travel from the
-  # log-prob pass to the update as one more array; only the log-probs do.
-  need(v.dependency != "full_kl", "vppo.dependency",
-       "'full_kl' is not wired into the train step (the log-prob pass returns log-probs only); use 'k3'")
   need(v.minmax_chunk >= 0 and (v.minmax_chunk == 0 or rows_per_update % v.minmax_chunk == 0), "vppo.minmax_chunk",
        f"{v.minmax_chunk}: must be 0 (the whole update) or divide the {rows_per_update} rows of an update")
   minmax = v.minmax_chunk or rows_per_update

@@ -238,7 +238,8 @@ def write_step_files(workdir: str, step: int, samples: list[dict], perception: P
 
 @functools.lru_cache(maxsize=2)
 def _dependency_pass(graphdef, cfg):
-  """The jitted log-prob pass with the masked path (no reference): old and masked log-probs."""
+  """The jitted log-prob pass with the masked path (no reference): old and masked log-probs
+  (and the full-distribution dependency with vppo.dependency=full_kl)."""
   import jax
   from papo_jax.rl.train_step import make_logprob_pass
   return jax.jit(make_logprob_pass(graphdef, cfg))
@@ -265,10 +266,11 @@ def step_perception(run, params, batch, groups: list, wanted: bool) -> Perceptio
   from papo_jax.rl.vppo import token_dependency
   with use_mesh_rules(run.mesh, run.rules):
     if batch.old_logp is not None and batch.mask_logp is not None:
-      old, masked = batch.old_logp, batch.mask_logp
+      old, masked, dep = batch.old_logp, batch.mask_logp, batch.dependency
     else:
-      old, masked, _ = _dependency_pass(run.graphdef, pass_config(run.c))(params, None, batch)
-    dep_MxBxT = to_host(token_dependency(old, masked))
+      old, masked, _, dep = _dependency_pass(run.graphdef, pass_config(run.c))(params, None, batch)
+    # the loss's own dependency: the full-distribution KL when vppo.dependency=full_kl, else k3
+    dep_MxBxT = to_host(token_dependency(old, masked) if dep is None else dep)
   processor = getattr(run.it, "processor", None)
   return Perception(dependency_RxT=flat_rows(dep_MxBxT).astype(np.float32), groups=groups,
                     decode=lambda ids: run.tokenizer.decode(list(ids), skip_special_tokens=False),

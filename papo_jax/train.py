@@ -63,7 +63,7 @@ class Run:
   reward_fn: Any
   grader: concurrent.futures.ThreadPoolExecutor
   train_step: Any
-  logprob_pass: Any | None     # several mini-batches: old/masked/ref log-probs before the first update
+  logprob_pass: Any | None     # old/masked/ref log-probs (and full-KL dependency) before the first update
   stop_ids: tuple
   pad_id: int
   rules: tuple = DEFAULT_RULES  # logical-axis sharding rules (config_base.mesh_rules)
@@ -174,7 +174,7 @@ def update(run: Run, state, ref_params, col: Collected, gamma: float, entropy_sc
   if run.logprob_pass is not None:
     jax.block_until_ready(logps[0])
     timing["timing/logprobs"] = time.perf_counter() - t_logp
-    batch = batch.replace(old_logp=logps[0], mask_logp=logps[1], ref_logp=logps[2])
+    batch = batch.replace(old_logp=logps[0], mask_logp=logps[1], ref_logp=logps[2], dependency=logps[3])
   perception = diagnostics.step_perception(run, state.params, batch, col.groups, sample_step)   # before donation
   g, s, per = jnp.float32(gamma), jnp.float32(entropy_scale), batch.input_ids.shape[0] // mini
   step_metrics = []

@@ -41,7 +41,6 @@ def test_tiny_config_is_valid():
     ("vppo.minmax_chunk", 7, "vppo.minmax_chunk"),              # 16 x 8 rows per update
     ("vppo.mean_chunk", 3, "vppo.mean_chunk"),
     ("vppo.dependency", "kl", "vppo.dependency"),
-    ("vppo.dependency", "full_kl", "vppo.dependency"),          # not wired into the step
     ("papo.adaptive_gamma_max", 0.0, "papo.adaptive_gamma_max"),
 ])
 def test_error_names_the_field(field, value, named):

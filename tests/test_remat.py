@@ -57,7 +57,7 @@ def test_remat_train_step_and_logprob_pass_equal_no_remat(family, remat):
   assert np.linalg.norm(a - b) <= 1e-6 * np.linalg.norm(b)
   lp_on = jax.jit(make_logprob_pass(g_on, cfg))(p_on, p_on, batch)
   lp_off = jax.jit(make_logprob_pass(g_off, cfg))(p_off, p_off, batch)
-  for a, b in zip(lp_on, lp_off):
+  for a, b in zip(lp_on[:3], lp_off[:3]):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 

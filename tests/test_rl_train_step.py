@@ -33,7 +33,8 @@ def test_fused_logprobs_equal_separate_forwards(setup):
   model, graphdef, params, ref_params = setup
   batch = build_batch(model, ROWS, GRIDS, micro=1)
   cfg = StepConfig(loss=LossConfig(beta=0.01, gamma=0.02))
-  old, masked, ref = jax.jit(make_logprob_pass(graphdef, cfg))(params, ref_params, batch)
+  old, masked, ref, dep = jax.jit(make_logprob_pass(graphdef, cfg))(params, ref_params, batch)
+  assert dep is None                       # k3: the loss takes the dependency from the two log-probs
   micro = jax.tree.map(lambda a: a[0], batch)
 
   def separate(p, masked):
@@ -148,7 +149,7 @@ def test_precomputed_minibatch_path_matches_fused(setup):
   kw = dict(beta=0.01, gamma=0.02)
   batch = build_batch(model, ROWS, GRIDS, micro=2, seed=9)
   cfg = StepConfig(loss=LossConfig(**kw), logprob_chunk=4)
-  old, masked, ref = jax.jit(make_logprob_pass(graphdef, cfg))(params, ref_params, batch)
+  old, masked, ref, _ = jax.jit(make_logprob_pass(graphdef, cfg))(params, ref_params, batch)
   pre = batch.replace(old_logp=old, mask_logp=masked, ref_logp=ref)
   g_f, l_f, _ = _grads(graphdef, params, ref_params, batch, **kw)
   g_p, l_p, _ = _grads(graphdef, params, None, pre, **kw)
@@ -209,7 +210,7 @@ def vppo_case(setup):
   model, graphdef, params, ref_params = setup
   cfg = StepConfig(loss=LossConfig(**VPPO_KW), logprob_chunk=4)
   one = build_batch(model, ROWS, GRIDS, micro=1, n=2, seed=11)
-  old, masked, _ = jax.jit(make_logprob_pass(graphdef, cfg))(ref_params, None, one)
+  old, masked, _, _ = jax.jit(make_logprob_pass(graphdef, cfg))(ref_params, None, one)
   one = one.replace(old_logp=old, mask_logp=masked)
   two = build_batch(model, ROWS, GRIDS, micro=2, n=2, seed=11)   # the same rows, group-major
   two = two.replace(old_logp=old.reshape(2, 4, T), mask_logp=masked.reshape(2, 4, T))
@@ -292,3 +293,35 @@ def test_vppo_factors_need_the_logprob_pass(setup):
   cfg = StepConfig(loss=LossConfig(vppo_top_frac=0.4), logprob_chunk=4)
   assert cfg.needs_mask and not cfg.needs_logprob_pass
   assert not StepConfig(loss=LossConfig()).needs_mask
+
+
+def test_full_kl_dependency_comes_from_the_pass_and_reaches_the_gradient(setup):
+  """vppo_dependency='full_kl': the log-prob pass returns KL(pi(.|image) || pi(.|masked image)) over the
+  whole vocabulary at every response position (float64 reference from full logits), and the step's
+  token mask and advantage scale read it: another dependency gives another gradient."""
+  from papo_jax.rl.train_step import with_masked_copy
+  model, graphdef, params, ref_params = setup
+  kw = dict(vppo_top_frac=0.4, vppo_adv_scale_min=0.9, vppo_dependency="full_kl", group_size=2)
+  cfg = StepConfig(loss=LossConfig(**kw), logprob_chunk=4)
+  assert cfg.needs_logprob_pass and StepConfig(loss=LossConfig(vppo_top_frac=0.4, vppo_dependency="full_kl")
+                                               ).needs_logprob_pass   # the token mask alone needs it too
+  batch = build_batch(model, ROWS, GRIDS, micro=1, n=2, seed=13)
+  old, masked, ref, dep = jax.jit(make_logprob_pass(graphdef, cfg))(params, None, batch)
+  assert ref is None and dep.shape == old.shape
+  micro = jax.tree.map(lambda a: a[0], batch)
+  ids, am, pos, pv, grid = with_masked_copy(model, micro)
+  logits = np.asarray(jax.jit(lambda p: nnx.merge(graphdef, p)(ids, attention_mask=am, pixel_values=pv,
+                                                              image_grid_thw=grid, position_ids=pos))(params),
+                      np.float64)[:, -T - 1:-1]
+  b = micro.input_ids.shape[0]
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  kl_ref = (np.exp(logp[:b]) * (logp[:b] - logp[b:])).sum(-1)
+  valid = np.asarray(micro.response_mask, bool)
+  np.testing.assert_allclose(np.asarray(dep[0])[valid], kl_ref[valid], rtol=1e-3, atol=1e-6)
+  assert kl_ref[valid].max() > 1e-4                                    # the masked image matters
+  full = batch.replace(old_logp=old, mask_logp=masked, dependency=dep)
+  grad = jax.jit(make_grad_fn(graphdef, cfg))
+  g_full = _flat(grad(params, None, full)[0])
+  g_other = _flat(grad(params, None, full.replace(dependency=dep[..., ::-1]))[0])
+  assert _rel(g_other, g_full) > 1e-3

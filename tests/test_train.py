@@ -467,16 +467,20 @@ def test_tiny_qwen3_trains_and_exports(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_vppo_runs_the_logprob_pass_with_one_mini_batch(tmp_path):
-  """configs/tiny.py:vppo (gamma 0): the pipeline makes masked copies for the visual dependency and
-  the log-prob pass runs with one mini-batch, so the whole-batch advantage scale has its log-probs."""
+  """configs/tiny.py:vppo (gamma 0) with the full-distribution dependency: the pipeline makes masked
+  copies for the visual dependency and the log-prob pass runs with one mini-batch, so the whole-batch
+  advantage scale has its log-probs and the pass's per-token KL reaches the update."""
   wd = str(tmp_path / "vppo")
   r = subprocess.run([sys.executable, "-m", "papo_jax.train", f"--config={TINY}:vppo", f"--workdir={wd}",
                       "--config.train.steps=1", "--config.train.warmup_sft_steps=0", "--config.checkpoint.every=1",
                       "--config.data.batch_size=2", "--config.rollout.n=2", "--config.val.every=0",
-                      "--config.algo.dapo_max_rounds=1", "--config.log.samples_every=0"],
+                      "--config.algo.dapo_max_rounds=1", "--config.log.samples_every=1",
+                      "--config.vppo.dependency=full_kl"],
                      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   (m,) = _metrics(wd)
   assert m["timing/logprobs"] > 0 and m["actor/gamma"] == 0.0
   assert 0.4 <= m["vppo/token_frac"] <= 1.0 and m["vppo/dependency"] > 0 and m["vppo/adv_scale_mean"] > 0
   assert np.isfinite(m["actor/loss_total"]) and m["actor/skipped_nonfinite"] == 0
+  (r, *_) = _samples(wd)   # the logged dependency is the loss's: the full KL, never negative
+  assert len(r["dependency"]) == len(r["tokens"]) >= 1 and min(r["dependency"]) >= 0

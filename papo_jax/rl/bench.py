@@ -101,8 +101,8 @@ def main(argv):
     def update(state):
       if logprob_pass is None:
         return step(state, ref, batch)
-      old, masked, ref_lp = logprob_pass(state.params, ref, batch)
-      return step(state, None, batch.replace(old_logp=old, mask_logp=masked, ref_logp=ref_lp))
+      old, masked, ref_lp, dep = logprob_pass(state.params, ref, batch)
+      return step(state, None, batch.replace(old_logp=old, mask_logp=masked, ref_logp=ref_lp, dependency=dep))
 
     state = init_train_state(jax.tree.map(jnp.copy, params), tx)  # the step donates its state
     t0 = time.perf_counter()

@@ -75,6 +75,7 @@ class TrainBatch:
   old_logp: Array | None = None
   mask_logp: Array | None = None
   ref_logp: Array | None = None
+  dependency: Array | None = None   # [M, B, T] full-distribution visual dependency (vppo.dependency=full_kl)
 
   def images(self, masked: bool = False):
     """(pixels, grid) as the model takes them: a :class:`SharedImages` and None in the
@@ -116,8 +117,9 @@ class StepConfig:
   def needs_logprob_pass(self) -> bool:
     """The step needs the batch's old and masked log-probs before its first micro-batch
     (whole-batch sequence factors), so the trainer runs :func:`make_logprob_pass` even with
-    one mini-batch per step."""
-    return self.loss.needs_sequence_factors
+    one mini-batch per step. The full-distribution dependency (``vppo_dependency='full_kl'``)
+    comes from that pass as well."""
+    return self.loss.needs_sequence_factors or (self.loss.needs_dependency and self.loss.vppo_dependency == "full_kl")
 
   @property
   def needs_ref(self) -> bool:
@@ -145,11 +147,18 @@ def response_logprobs(model, input_ids_BxL, attention_mask_BxL, position_ids_3xB
   The hidden state at position Lp + t - 1 predicts response token t. ``pixel_values`` may be
   a :class:`SharedImages` (``image_grid_thw`` None); position ids None are computed.
   """
+  h_BxTxD = response_hidden(model, input_ids_BxL, attention_mask_BxL, position_ids_3xBxL, pixel_values,
+                            image_grid_thw, response_len)
+  targets_BxT = input_ids_BxL[:, input_ids_BxL.shape[1] - response_len:]
+  return chunked_token_logprobs(model, h_BxTxD, targets_BxT, chunk)
+
+
+def response_hidden(model, input_ids_BxL, attention_mask_BxL, position_ids_3xBxL, pixel_values, image_grid_thw,
+                    response_len: int) -> Array:
+  """[B, T, D] the hidden states that predict the response tokens (position Lp + t - 1 for token t)."""
   hidden = model.hidden_states(input_ids_BxL, attention_mask_BxL, pixel_values, image_grid_thw, position_ids_3xBxL)
   l = input_ids_BxL.shape[1]
-  h_BxTxD = hidden[:, l - response_len - 1:l - 1]
-  targets_BxT = input_ids_BxL[:, l - response_len:]
-  return chunked_token_logprobs(model, h_BxTxD, targets_BxT, chunk)
+  return hidden[:, l - response_len - 1:l - 1]
 
 
 def chunked_token_logprobs(model, h_BxTxD: Array, targets_BxT: Array, chunk: int) -> Array:
@@ -227,6 +236,18 @@ def micro_logprobs(cfg: StepConfig, model, micro: TrainBatch, *, with_mask: bool
   return lp, None
 
 
+def micro_logprobs_and_full_kl(cfg: StepConfig, model, micro: TrainBatch) -> tuple[Array, Array, Array]:
+  """(original, masked-image log-probs, full-distribution KL(original || masked)) [B, T] of one
+  micro-batch from one [original ; masked] forward; logits are formed ``logprob_chunk`` tokens at a time."""
+  from papo_jax.rl import vppo
+  t, b = micro.response_mask.shape[-1], micro.input_ids.shape[0]
+  ids, am, pos, pv, grid = with_masked_copy(model, micro)
+  h = response_hidden(model, ids, am, pos, pv, grid, t)
+  lp_both = chunked_token_logprobs(model, h, ids[:, ids.shape[1] - t:], cfg.logprob_chunk)
+  kl = vppo.full_kl_chunked(lambda x: model.logits(x, dtype=jnp.float32), h[:b], h[b:], cfg.logprob_chunk)
+  return lp_both[:b], lp_both[b:], kl
+
+
 def masked_image_logp(cfg: StepConfig, model, micro: TrainBatch) -> Array:
   """Policy log-probs on the masked images (same tokens and positions as the original)."""
   pv, grid = micro.images(masked=True)
@@ -274,7 +295,8 @@ def whole_batch_factors(cfg: StepConfig, batch: TrainBatch) -> dict[str, Array]:
         f"train step: VPPO's advantage scale / adaptive gamma are normalised over the whole update batch "
         f"and need its precomputed old and masked-image log-probs, but the batch has no {' or '.join(missing)}; "
         "run make_logprob_pass first (StepConfig.needs_logprob_pass)")
-  return jax.lax.stop_gradient(sequence_factors(cfg.loss, batch.old_logp, batch.mask_logp, batch.response_mask))
+  return jax.lax.stop_gradient(sequence_factors(cfg.loss, batch.old_logp, batch.mask_logp, batch.response_mask,
+                                                batch.dependency))
 
 
 def make_grad_fn(graphdef, cfg: StepConfig) -> Callable:
@@ -302,7 +324,7 @@ def make_grad_fn(graphdef, cfg: StepConfig) -> Callable:
     lp_old = jax.lax.stop_gradient(lp) if micro.old_logp is None else micro.old_logp
     loss, metrics = papo_loss(lp, lp_old, lp_ref, lp_mask, micro.advantages, micro.response_mask, cfg.loss,
                               gamma=gamma, entropy_scale=entropy_scale, adv_scale_B=factors.get("adv_scale"),
-                              gamma_factor_B=factors.get("gamma_factor"))
+                              gamma_factor_B=factors.get("gamma_factor"), dependency_BxT=micro.dependency)
     return loss * weight, jax.tree.map(lambda m: m * weight, metrics)
 
   value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
@@ -363,21 +385,29 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig)
 
 
 def make_logprob_pass(graphdef, cfg: StepConfig) -> Callable:
-  """``fn(params, ref_params, batch) -> (old_logp, mask_logp | None, ref_logp | None)`` [M, B, T], no gradient.
+  """``fn(params, ref_params, batch) -> (old_logp, mask_logp | None, ref_logp | None, dependency | None)``
+  [M, B, T], no gradient.
 
   The one fused no-grad pass that precedes several mini-batch updates per step, or the
   update whose loss takes whole-batch sequence factors (``StepConfig.needs_logprob_pass``).
+  ``dependency``: the full-distribution visual dependency when ``vppo_dependency='full_kl'``
+  (the loss reads it in place of VPPO's k3 estimate from the two log-probs).
   """
+  full_kl = cfg.needs_mask and cfg.loss.vppo_dependency == "full_kl"
 
   def fn(params, ref_params, batch: TrainBatch):
     def one(i):
       micro = _micro(batch, i)
       model = nnx.merge(graphdef, params)
-      lp, lp_mask = micro_logprobs(cfg, model, micro, with_mask=cfg.needs_mask)
+      dep = None
+      if full_kl:
+        lp, lp_mask, dep = micro_logprobs_and_full_kl(cfg, model, micro)
+      else:
+        lp, lp_mask = micro_logprobs(cfg, model, micro, with_mask=cfg.needs_mask)
       lp_ref = None
       if cfg.needs_ref:
         lp_ref = micro_logprobs(cfg, nnx.merge(graphdef, ref_params), micro, with_mask=False)[0]
-      return lp, lp_mask, lp_ref
+      return lp, lp_mask, lp_ref, dep
     return jax.lax.stop_gradient(jax.lax.map(one, jnp.arange(batch.input_ids.shape[0])))
 
   return fn
