@@ -884,7 +884,7 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
     logps = ()
     if pre:
       logps = ("old_logp",) + (("mask_logp",) if cfg.needs_mask else ()) + (("ref_logp",) if cfg.needs_ref else ()) \
-          + (("dependency",) if cfg.needs_mask and cfg.loss.vppo_dependency == "full_kl" else ())
+          + (("dependency",) if cfg.full_kl_dependency else ())
     batch, n_patch = train_batch_specs(mc, mesh, s, micro_batches=s.micro_per_update, with_mask=with_mask, logps=logps)
     step = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=(0,), out_shardings=(state_sh, None))
     ref_arg = None if pre else ref

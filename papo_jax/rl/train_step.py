@@ -119,7 +119,13 @@ class StepConfig:
     (whole-batch sequence factors), so the trainer runs :func:`make_logprob_pass` even with
     one mini-batch per step. The full-distribution dependency (``vppo_dependency='full_kl'``)
     comes from that pass as well."""
-    return self.loss.needs_sequence_factors or (self.loss.needs_dependency and self.loss.vppo_dependency == "full_kl")
+    return self.loss.needs_sequence_factors or self.full_kl_dependency
+
+  @property
+  def full_kl_dependency(self) -> bool:
+    """The loss reads the full-distribution visual dependency, which the log-prob pass computes
+    (``TrainBatch.dependency``); otherwise the loss takes k3 from the two log-probs."""
+    return self.loss.needs_dependency and self.loss.vppo_dependency == "full_kl"
 
   @property
   def needs_ref(self) -> bool:
@@ -393,14 +399,12 @@ def make_logprob_pass(graphdef, cfg: StepConfig) -> Callable:
   ``dependency``: the full-distribution visual dependency when ``vppo_dependency='full_kl'``
   (the loss reads it in place of VPPO's k3 estimate from the two log-probs).
   """
-  full_kl = cfg.needs_mask and cfg.loss.vppo_dependency == "full_kl"
-
   def fn(params, ref_params, batch: TrainBatch):
     def one(i):
       micro = _micro(batch, i)
       model = nnx.merge(graphdef, params)
       dep = None
-      if full_kl:
+      if cfg.full_kl_dependency:
         lp, lp_mask, dep = micro_logprobs_and_full_kl(cfg, model, micro)
       else:
         lp, lp_mask = micro_logprobs(cfg, model, micro, with_mask=cfg.needs_mask)
