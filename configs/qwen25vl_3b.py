@@ -22,6 +22,10 @@ even at optim.micro_batches=80 (one row per chip per micro-batch): 27.8 GiB per 
 because the compiled step keeps ~0.46 GiB per decoder layer per chip that does not shrink
 with the micro-batch. Rollouts run in chunks sized from the free HBM
 (rollout.chunk_prompts / kv_budget_gb; not compiled at full depth yet).
+With rollout.engine=continuous (one engine per chip: bf16 weights, 7.0 GiB, and its own page
+pool, beside the chip's 6.3 GiB share of the FSDP training state), the base config's 64 slots
+over 4,096 pages (2.25 GiB) need about 16.5 GiB of a v5e chip's 16 (docs/tpu.md, engine_step):
+rollout.num_slots=32 and rollout.kv_pages=2048 (32,768 tokens, 1.13 GiB) fit.
 Expected (avg@8 over 8 benchmarks, papo.md §7): GRPO 47.92 -> PAPO-G 49.92;
 DAPO 52.40 -> PAPO-D 55.24. 384 prompts x 5 samples per step, 3 updates per step,
 2 epochs (~202 steps).
@@ -32,4 +36,8 @@ from papo_jax.config_base import paper_config
 
 def get_config(variant: str = "papo_g"):
   # vppo's n=8 makes 1024 rows per update: 32 micro-batches keep them at most the 40 rows of n=5.
-  return paper_config(variant, micro_batches=32 if variant == "vppo" else 16)
+  c = paper_config(variant, micro_batches=32 if variant == "vppo" else 16)
+  # rollout.engine=continuous, one engine per v5e chip beside the training state (docstring).
+  c.rollout.num_slots = 32
+  c.rollout.kv_pages = 2048
+  return c

@@ -53,6 +53,9 @@ def get_config(variant: str = "papo_g"):
   c.rollout.top_p = 1.0
   c.rollout.max_new_tokens = 12            # "<think></think>\\boxed{yellow}" + end is 12 tokens
   c.rollout.cache_dtype = "float32"
+  # Answers of ~12 tokens have no long tail to schedule around: the static sampler is 1.2x the
+  # continuous engine here and compiles fewer programs (both give the same samples and curve).
+  c.rollout.engine = "static"
   c.reward.name = "synthetic"
   c.reward.num_workers = 1
   # Adam's first step moves every parameter by ~lr (m/sqrt(v) = sign(g)): at 3e-3 the first

@@ -16,7 +16,11 @@ are lowered and compiled for the TPU exactly as ``train.py`` builds them:
 * ``logprob_pass``: ``make_logprob_pass`` over a whole step's rows, as the trainer runs it
   (``optim.mini_batches > 1``, or a loss with whole-batch factors: ``StepConfig.needs_logprob_pass``);
 * ``prefill`` / ``decode``: the sampler's own jitted programs at the rollout chunk size
-  (``rollout.chunk_prompts``, or sized by ``papo_jax/sampling/budget.py``).
+  (``rollout.chunk_prompts``, or sized by ``papo_jax/sampling/budget.py``);
+* ``engine_step`` / ``engine_decode``: the continuous engine's step (mixed prefill + decode;
+  decode only) on one chip, as one engine per chip runs it (bf16 weights and its own page
+  pool of ``rollout.kv_pages``, beside the chip's share of the training state), attending
+  with the Pallas ragged paged attention kernel.
 
 Per program it prints compile time, per-chip bytes (arguments, outputs, temporaries, code,
 plus the training state that stays resident beside it) against the chip's HBM, FLOPs
@@ -824,8 +828,10 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
   from papo_jax.parallel import make_mesh, state_shardings, use_mesh_rules
   from papo_jax.config_base import optimizer, step_config
   from papo_jax.rl.train_step import init_train_state, make_logprob_pass, make_train_step
-  from papo_jax.sampling import SamplingConfig, Sampler
+  from papo_jax.sampling import ContinuousEngine, SamplingConfig, Sampler
   from papo_jax.sampling.budget import rollout_chunk_prompts
+  from papo_jax.sampling.factory import engine_config
+  from papo_jax.sampling.paged_attention import paged_backend
 
   full_mc = full_mc or mc
   mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=target.devices)
@@ -864,17 +870,17 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
   extra = int(cfg.needs_mask and not pre) + int(cfg.needs_ref and not pre)
   reports = []
 
-  def per_chip(flops):
-    return flops / n_dev
-
-  def program(name, lower, *, resident, model_flops, kernel_flops, hint, note=""):
-    """Compiles one program and reports it (a compiler OOM becomes a not-fitting report)."""
+  def program(name, lower, *, resident, model_flops, kernel_flops, hint, note="", on=None):
+    """Compiles one program and reports it (a compiler OOM becomes a not-fitting report). ``on``: the
+    program's own mesh (default: the training mesh); FLOPs are given for all of its devices."""
+    on = on or mesh
+    chips = on.devices.size
     try:
-      compiled, dt = _compile(name, lower, mesh)
-      r = _measure(name, compiled, dt, resident=resident, model_flops=per_chip(model_flops),
-                   kernel_flops=per_chip(kernel_flops), hint=hint)
+      compiled, dt = _compile(name, lower, on)
+      r = _measure(name, compiled, dt, resident=resident, model_flops=model_flops / chips,
+                   kernel_flops=kernel_flops / chips, hint=hint)
     except CompilerOOM as e:
-      compiled, r = None, _oom_report(name, e, resident=resident, model_flops=per_chip(model_flops), hint=hint)
+      compiled, r = None, _oom_report(name, e, resident=resident, model_flops=model_flops / chips, hint=hint)
     r.note = "; ".join(x for x in (note, r.note) if x)
     reports.append(r)
     log(format_report(r, dev))
@@ -968,7 +974,95 @@ def compile_programs(c, mc, target: Target, *, programs=("train_step", "logprob_
       program("decode", lambda: sampler._decode.lower(params, **pre), resident=opt_b + ref_b,
               model_flops=decode_flops(full_mc, rows=chunk * n, prompt_len=s.prompt_len, steps=s.response_len - 1),
               kernel_flops=0.0, hint=hint, note=note + f", {s.response_len} tokens")
+
+  want_engine = [p for p in ("engine_step", "engine_decode") if p in programs]
+  if want_engine:
+    # One engine per chip: its own weights in the compute dtype and page pool, beside this chip's
+    # share of the training state (parameters, AdamW, reference: all resident during rollouts).
+    one = make_mesh(1, 1, 1, devices=target.devices[:1])
+    ec = engine_config(c.rollout)
+    prompts = chunk_prompts or int(c.rollout.get("chunk_prompts", 0)) or -(-c.data.batch_size // target.chips)
+    engine = ContinuousEngine(graphdef, SamplingConfig(
+        max_new_tokens=s.response_len, temperature=c.rollout.temperature, top_p=c.rollout.top_p,
+        top_k=c.rollout.top_k, cache_dtype=c.rollout.cache_dtype, stop_token_ids=(mc.eos_token_id or 0,),
+        pad_token_id=mc.pad_token_id or 0, top_p_candidates=c.rollout.top_p_candidates), ec)
+    replicated = _spec(one, (), None)
+    weights = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(c.model.dtype), sharding=replicated),
+                           abstract)
+    # The step reads the decoder's weights only; the vision tower's (the engine's encode program
+    # reads them: the full model's, also when the decoder is shortened) stay resident beside it,
+    # as does this chip's share of the training state.
+    itemsize = jnp.dtype(c.model.dtype).itemsize
+    full_abstract = models.abstract_model(full_mc)
+    vision_b = float(sum(math.prod(a.shape) for a in jax.tree.leaves(nnx.state(full_abstract.visual))) * itemsize)
+    full_engine = ContinuousEngine(None, engine.cfg, ec)
+    kv_full = full_engine.kv_bytes(full_mc)
+    w_full = sum(math.prod(a.shape) for a in jax.tree.leaves(nnx.state(full_abstract))) * itemsize
+    tokens = ec.num_pages * ec.page_size
+    buf_b = prompts * s.prompt_len * mc.text.hidden_size * itemsize
+    note = (f"1 chip: weights {_g(w_full)} GiB (vision {_g(vision_b)} of it resident) + KV pool "
+            f"{_g(kv_full)} GiB ({ec.num_pages} pages x {ec.page_size} = {tokens} tokens) + {prompts} prompts encoded "
+            f"{_g(buf_b)} GiB, {ec.num_slots} decode lanes")
+    hint = "lower rollout.kv_pages (or rollout.num_slots / prefill_chunk)"
+    for name in want_engine:
+      prefill = name == "engine_step"
+      args = engine_step_specs(mc, one, ec, prompts=prompts, prompt_len=s.prompt_len, max_new_tokens=s.response_len,
+                               prefill=prefill, cache_dtype=c.rollout.cache_dtype)
+      flops, att = engine_step_flops(full_mc, decode_lanes=ec.num_slots,
+                                     prefill_tokens=ec.prefill_lanes * ec.prefill_chunk if prefill else 0,
+                                     logit_rows=ec.num_slots + (ec.prefill_lanes if prefill else 0),
+                                     prompt_len=s.prompt_len, max_new_tokens=s.response_len)
+      with tpu_attention_target():
+        on_kernel = paged_backend(mc.attention, mc.text.head_dim) == "pallas_tpu"
+      kernel = att * mc.text.num_hidden_layers / full_mc.text.num_hidden_layers if on_kernel else 0.0
+      program(name, lambda: lower_for_device(one, lambda: engine._step.lower(weights, *args, n=c.rollout.n)), on=one,
+              resident=params_b + opt_b + ref_b + vision_b, model_flops=flops, kernel_flops=kernel, hint=hint,
+              note=note + ("" if prefill else ", no prefill lane"))
   return reports
+
+
+def lower_for_device(mesh, lower: Callable[[], Any]):
+  """``lower()`` with the mesh's device kind visible to Pallas TPU lowering (some of the ragged kernel's
+  Mosaic rules ask for the TPU generation, which they otherwise take from the host's first device)."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    return lower()
+
+
+def engine_step_specs(mc, mesh, ec, *, prompts: int, prompt_len: int, max_new_tokens: int, prefill: bool,
+                      cache_dtype: str):
+  """Abstract (cache, prompt buffer, step inputs, chunk keys, chunk first sample ids) of one engine step,
+  as ``ContinuousEngine.generate`` feeds it for one chunk of ``prompts`` prompts: all ``num_slots``
+  decode lanes, ``prefill_lanes`` lanes of ``prefill_chunk`` (none for the decode-only program),
+  page tables for ``prompt_len + max_new_tokens`` and ``prompt_len`` tokens."""
+  from papo_jax.sampling.engine import PagedKVCache, PromptBuffer, StepInputs
+  t, page = mc.text, ec.page_size
+  s, p, c = ec.num_slots, (ec.prefill_lanes if prefill else 0), ec.prefill_chunk
+  ms, mp = -(-(prompt_len + max_new_tokens) // page), -(-prompt_len // page)
+  i32 = lambda *shape: _sds(mesh, shape, jnp.int32)
+  pool = _sds(mesh, (ec.num_pages, page, 2 * t.num_key_value_heads, t.head_dim), cache_dtype)
+  cache = PagedKVCache(tuple(pool for _ in range(t.num_hidden_layers)))
+  n = prompts * prompt_len
+  buf = PromptBuffer(_sds(mesh, (n, t.hidden_size), mc.dtype), i32(3, n), _sds(mesh, (0, 1, t.hidden_size), mc.dtype),
+                     i32(n), _sds(mesh, (n,), jnp.bool_))
+  # Fields by their shape suffix (decode lanes S, prefill lanes P x chunk C, page tables, copies X).
+  dims = {"S": (s,), "SxM": (s, ms), "PxC": (p, c), "PxMp": (p, mp), "P": (p,), "X": (ec.num_slots,)}
+  inp = StepInputs(**{f: _sds(mesh, dims[f.rsplit("_", 1)[1]], jnp.bool_ if f in ("dec_active_S", "pre_valid_PxC")
+                              else jnp.int32) for f in StepInputs._fields})
+  # One prompt chunk: its key and first sample id.
+  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 1))
+  return (cache, buf, inp, jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=_spec(mesh, (), None)), i32(1))
+
+
+def engine_step_flops(mc, *, decode_lanes: int, prefill_tokens: int, logit_rows: int, prompt_len: int,
+                      max_new_tokens: int) -> tuple[float, float]:
+  """(model FLOPs, attention FLOPs) of one engine step, every lane busy: 2·N per token over the decode
+  lanes and the prefill chunk, the head over the sampled rows, decode lanes attending at mid-response
+  (``prompt_len + max_new_tokens / 2`` keys), the chunk's queries at mid-prompt (``prompt_len / 2`` keys)."""
+  p = matmul_params(mc)
+  t = mc.text
+  per_key = 4.0 * t.num_attention_heads * t.head_dim * t.num_hidden_layers
+  att = per_key * (decode_lanes * (prompt_len + max_new_tokens / 2) + prefill_tokens * prompt_len / 2)
+  return 2.0 * (p.text_per_token * (decode_lanes + prefill_tokens) + p.head_per_token * logit_rows) + att, att
 
 
 def decode_input_specs(mesh, info: dict) -> dict:
@@ -1030,7 +1124,8 @@ def define_flags():
   flags.DEFINE_string("topology", "v5e:2x4", "TPU topology: v5e:2x4, v5p:2x2x1, v5p:2x2x2, v6e:2x4, v4:2x2x1.")
   flags.DEFINE_integer("layers", 0, "Compile N and 2N decoder layers (vision in proportion) and extrapolate.")
   flags.DEFINE_string("arch", "", f"Architecture when model.path has no config.json: {sorted(ARCHITECTURES)}.")
-  flags.DEFINE_list("programs", ["train_step", "logprob_pass", "prefill", "decode"], "Programs to compile.")
+  flags.DEFINE_list("programs", ["train_step", "logprob_pass", "prefill", "decode"],
+                    "Programs to compile: train_step, logprob_pass, prefill, decode, engine_step, engine_decode.")
   flags.DEFINE_integer("prompt_len", 0, "Prompt bucket (0: the largest of data.prompt_length_buckets).")
   flags.DEFINE_integer("images_per_row", 1, "Images per prompt.")
   flags.DEFINE_integer("chunk_prompts", 0, "Rollout chunk in prompts (0: rollout.chunk_prompts or the KV budget).")

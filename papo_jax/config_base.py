@@ -92,14 +92,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout = dict(n=5, temperature=1.0, top_p=0.99, top_k=0, max_new_tokens=2048, cache_dtype="bfloat16",
                    chunk_prompts=0, kv_budget_gb=0.0, top_p_candidates=1024)
   # engine: static (one batch, every row sized prompt + max_new_tokens; the reference path) |
-  # continuous (num_slots decode lanes kept busy over a paged KV cache of kv_pages pages of
-  # page_size tokens; prompts prefilled prefill_chunk tokens at a time; one device).
-  c.rollout.engine = "static"
+  # continuous (up to num_slots running samples over a paged KV cache of kv_pages pages of
+  # page_size tokens; prompts prefilled prefill_chunk tokens at a time, prefill_lanes at once;
+  # a step computes the smallest power-of-two bucket of decode lanes, from min_decode_lanes,
+  # holding its running samples: one compilation per bucket; one device: on a mesh of several
+  # devices the static sampler runs, with a warning). Continuous is the default: on long-tailed
+  # response lengths it generates 3x the static sampler's tokens/s in the same KV memory
+  # (python -m papo_jax.sampling.bench), with the same samples.
+  c.rollout.engine = "continuous"
   c.rollout.num_slots = 64
   c.rollout.page_size = 16
   c.rollout.kv_pages = 4096
   c.rollout.prefill_chunk = 512
   c.rollout.prefill_lanes = 1
+  # Below 8 lanes a TPU/GPU decode step costs about the same (reading the weights bounds it).
+  c.rollout.min_decode_lanes = 8
   # NoisyRollout (papo_jax/data/noise.py): of each prompt's rollout.n rollouts, the last `rollouts` are sampled
   # on its images distorted by diffusion noise at step int(strength * decay(step)) (decay_mode sigmoid |
   # linear | pow | exp | none, with decay_coef and mid_step), the others on the clean images. rollout.n stays
@@ -343,7 +350,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   need(c.rollout.n >= 1, "rollout.n", f"{c.rollout.n} < 1")
   need(c.rollout.engine in ("static", "continuous"), "rollout.engine",
        f"{c.rollout.engine!r} is not static|continuous")
-  for f in ("num_slots", "page_size", "kv_pages", "prefill_chunk", "prefill_lanes"):
+  for f in ("num_slots", "page_size", "kv_pages", "prefill_chunk", "prefill_lanes", "min_decode_lanes"):
     need(c.rollout[f] >= 1, f"rollout.{f}", f"{c.rollout[f]} < 1")
   need(c.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", f"{c.rollout.max_new_tokens} < 1")
   need(c.rollout.chunk_prompts >= 0, "rollout.chunk_prompts", f"{c.rollout.chunk_prompts} < 0 (0 = from the budget)")

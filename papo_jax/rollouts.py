@@ -45,12 +45,18 @@ def sample_texts(sampler, params, batch, *, n: int, key, tokenizer, stop_ids, ch
 
   ``chunk_prompts`` > 0 and below B generates ``chunk_prompts`` prompts at a time (the KV
   cache and prefill temporaries scale with the chunk; see :func:`rollout_chunk_prompts`) and
-  concatenates; chunk i draws with ``fold_in(key, i)``.
+  concatenates; chunk i draws with ``fold_in(key, i)``. The continuous engine takes the chunks
+  as one stream (``generate_stream``: one chunk's prompts on device at a time, its slots never
+  drain between chunks), with the same samples.
   """
   from papo_jax.parallel import to_host
   chunks = prompt_chunks(batch, chunk_prompts)
   if len(chunks) > 1:
     key = jax.random.key(key) if isinstance(key, int) else key
+  if hasattr(sampler, "generate_stream"):
+    ro = sampler.generate_stream(params, chunks, n=n, key=key)
+    toks, mask = to_host((ro.tokens_RxT, ro.mask_RxT))
+    return toks, mask, decode_responses(tokenizer, toks, mask, stop_ids)
   toks, mask = [], []
   for i, (ids, am, pv, grid) in enumerate(chunks):
     ro = sampler.generate(params, ids, am, pv, grid, n=n, key=key if len(chunks) == 1 else jax.random.fold_in(key, i))

@@ -337,6 +337,31 @@ def test_tiny_config_compiles_for_a_tpu_topology():
   assert out.count(": fits") == 3
 
 
+def test_engine_step_compiles_with_the_ragged_kernel_for_a_tpu_topology(tmp_path):
+  """engine_step / engine_decode of the tiny model in bf16 (head_dim 128, the kernel's lane width) on one
+  chip of v5e:2x2: the ragged paged attention kernel lowers through Mosaic, one pallas_call per layer
+  reading that layer's page pool; weights and KV pool are reported, a markdown row each, exit status 0."""
+  import glob
+  import re
+  r = _run(["-m", "papo_jax.aot", "--config=configs/tiny.py", "--topology=v5e:2x2", "--prompt_len=64",
+            "--programs=engine_step,engine_decode", "--config.model.tiny.hidden_size=256",
+            "--config.model.tiny.num_attention_heads=2", "--config.model.dtype=bfloat16",
+            "--config.rollout.cache_dtype=bfloat16", "--config.data.batch_size=8", "--config.rollout.n=2",
+            "--config.rollout.max_new_tokens=8", "--config.rollout.num_slots=4", "--config.rollout.kv_pages=64",
+            "--config.rollout.prefill_chunk=16", "--config.rollout.prefill_lanes=2", f"--hlo_dir={tmp_path}"])
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  out = r.stdout
+  for program in ("engine_step", "engine_decode"):
+    assert f"| tiny.py | v5e:2x2 | {program} (1 chip: weights" in out, out
+    text = open(glob.glob(str(tmp_path / f"{program}.*.hlo.txt"))[0]).read()
+    kernel = r"%ragged_paged_attention_kernel\S* = (\S+) custom-call\(.*custom_call_target=\"tpu_custom_call\""
+    calls = re.findall(kernel, text)
+    assert len(calls) == 2, calls                       # one per decoder layer
+    assert all(c.startswith("bf16[") for c in calls)
+  assert "KV pool 0.00 GiB (64 pages x 16 = 1024 tokens)" in out
+  assert out.count(": fits") == 2
+
+
 # -- the abstract train batch follows the trainer's layout -------------------------------------
 
 

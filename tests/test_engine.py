@@ -84,18 +84,91 @@ def test_paged_attention_matches_dense():
   vals = rng.normal(size=(b, m * page, kvh, d)).astype(np.float32)
   q = rng.normal(size=(b, q_len, h, d)).astype(np.float32)
   table = np.array([[5, 0, 3], [1, 6, 2]], np.int32)
-  k_pool = np.zeros((kvh, 8, page, d), np.float32)
-  v_pool = np.zeros((kvh, 8, page, d), np.float32)
+  pool = np.zeros((8, page, 2 * kvh, d), np.float32)     # key head j at 2j, value head j at 2j + 1
   for i in range(b):
     for j in range(m):
-      k_pool[:, table[i, j]] = keys[i, j * page:(j + 1) * page].transpose(1, 0, 2)
-      v_pool[:, table[i, j]] = vals[i, j * page:(j + 1) * page].transpose(1, 0, 2)
+      pool[table[i, j], :, 0::2] = keys[i, j * page:(j + 1) * page]
+      pool[table[i, j], :, 1::2] = vals[i, j * page:(j + 1) * page]
   q_kv = np.array([[4, 5, 6], [9, 10, 11]], np.int32)
-  out = paged_attention_xla(jnp.asarray(q), jnp.asarray(k_pool), jnp.asarray(v_pool), jnp.asarray(table),
-                            jnp.asarray(q_kv), scale=d ** -0.5)
+  out = paged_attention_xla(jnp.asarray(q), jnp.asarray(pool), jnp.asarray(table), jnp.asarray(q_kv),
+                            scale=d ** -0.5)
   mask = np.arange(m * page)[None, None, :] <= q_kv[:, :, None]
   ref = softmax_attention(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(vals), jnp.asarray(mask), d ** -0.5)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+def _mixed_lanes(rng, *, num_pages, c, prefill_lanes):
+  """Three decode lanes (the last idle) and the first ``prefill_lanes`` of three prefill lanes (a partial
+  chunk mid-prompt, a full first chunk, an idle lane), each lane's pages drawn out of order from one pool."""
+  perm = iter(rng.permutation(num_pages).tolist())
+  take = lambda k: [next(perm) for _ in range(k)]
+  dec_kv = np.array([6, 13, 0], np.int32)
+  dec_active = np.array([True, True, False])
+  dec_pages = np.zeros((3, 5), np.int32)
+  dec_pages[0, :2], dec_pages[1, :4] = take(2), take(4)
+  pre_kv = np.stack([4 + np.arange(c), np.arange(c), np.zeros(c)]).astype(np.int32)
+  pre_valid = np.stack([np.arange(c) < 3, np.ones(c, bool), np.zeros(c, bool)])
+  pre_pages = np.zeros((3, 3), np.int32)
+  pre_pages[0, :2], pre_pages[1, :2] = take(2), take(2)
+  p = prefill_lanes
+  return dict(dec_kv_S=dec_kv, dec_active_S=dec_active, dec_pages_SxMs=dec_pages, pre_kv_PxC=pre_kv[:p],
+              pre_valid_PxC=pre_valid[:p], pre_pages_PxMp=pre_pages[:p])
+
+
+@pytest.mark.parametrize("prefill_lanes", [3, 1, 0])
+def test_xla_paged_attention_matches_the_ragged_kernel_reference(prefill_lanes):
+  """The arguments the engine builds for the ragged kernel (ragged_layout: sequences, kv_lens, cu_q_lens,
+  page table, query order) mean what the XLA path computes: ref_ragged_paged_attention on them equals
+  lane_attention(backend='xla') on every real query, GQA, pages out of order, decode + prefill lanes
+  (a partial chunk, a full one, an idle lane; an idle decode lane), and the kernel's own validation passes."""
+  from jax.experimental.pallas.ops.tpu.ragged_paged_attention import (dynamic_validate_inputs,
+                                                                      ref_ragged_paged_attention)
+  from papo_jax.sampling.paged_attention import lane_attention, ragged_layout
+  rng = np.random.default_rng(0)
+  h, kvh, d, page, num_pages, c = 4, 2, 32, 4, 24, 5
+  lanes = _mixed_lanes(rng, num_pages=num_pages, c=c, prefill_lanes=prefill_lanes)
+  pool = jnp.asarray(rng.normal(size=(num_pages, page, 2 * kvh, d)).astype(np.float32))
+  t = 3 + prefill_lanes * c
+  q = jnp.asarray(rng.normal(size=(t, h, d)).astype(np.float32))
+  want = lane_attention(q, pool, scale=0.3, backend="xla", **lanes)
+
+  lay = ragged_layout(*lanes.values())
+  q_kernel = q if lay.src_T is None else q[lay.src_T]
+  dynamic_validate_inputs(q_kernel, pool, lay.kv_lens_L, lay.page_indices_LxM, lay.cu_q_lens_L1, lay.num_seqs_1)
+  q_lens = np.diff(np.asarray(lay.cu_q_lens_L1))
+  assert int(lay.num_seqs_1[0]) == 3 + prefill_lanes and (q_lens >= 1).all() and (np.asarray(lay.kv_lens_L) >= 1).all()
+  out = ref_ragged_paged_attention(q_kernel, pool, lay.kv_lens_L, lay.page_indices_LxM, lay.cu_q_lens_L1,
+                                   lay.num_seqs_1, sm_scale=0.3)
+  got = jnp.zeros_like(q).at[:out.shape[0]].set(out)
+  got = got if lay.dst_T is None else got[lay.dst_T]
+  real = np.concatenate([lanes["dec_active_S"], lanes["pre_valid_PxC"].reshape(-1)])
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
+
+
+def test_paged_backend_follows_the_model_attention_setting():
+  """auto -> the ragged kernel when tracing for a TPU (head_dim a multiple of 128), XLA otherwise."""
+  from papo_jax.models.attention import target_platform
+  from papo_jax.sampling.paged_attention import paged_backend
+  assert paged_backend("auto", 128) == paged_backend("pallas_tpu", 128) == "xla"    # CPU: no interpret mode
+  with target_platform("tpu"):
+    assert paged_backend("auto", 128) == paged_backend("pallas_tpu", 256) == "pallas_tpu"
+    assert paged_backend("auto", 64) == paged_backend("xla", 128) == "xla"
+    with pytest.raises(ValueError, match="multiple of 128"):
+      paged_backend("pallas_tpu", 64)
+  with target_platform("gpu"):
+    assert paged_backend("auto", 128) == "xla"
+
+
+def test_cache_is_one_pool_per_layer_in_the_kernel_layout(tiny):
+  _, graphdef, state, _ = tiny
+  mc = nnx.merge(graphdef, state).config
+  engine = ContinuousEngine(graphdef, SamplingConfig(cache_dtype="bfloat16"), SMALL)
+  cache = engine._get_cache(mc)
+  t = mc.text
+  assert len(cache.pages) == t.num_hidden_layers
+  assert all(a.shape == (SMALL.num_pages, SMALL.page_size, 2 * t.num_key_value_heads, t.head_dim) for a in cache.pages)
+  assert engine.kv_bytes(mc) == sum(a.nbytes for a in cache.pages) == (
+      2 * t.num_hidden_layers * t.num_key_value_heads * SMALL.num_pages * SMALL.page_size * t.head_dim * 2)
 
 
 def test_greedy_matches_transformers_and_static_with_slot_reuse(tiny, hf_greedy):
@@ -149,15 +222,24 @@ def test_sampled_matches_static_and_ignores_slots_and_preemption(tiny):
   static = jax.device_get(Sampler(graphdef, cfg).generate(state, ids, mask, pv, grid, n=n, key=5))
   lengths = static.lengths_R
   assert len(set(lengths.tolist())) >= 3, lengths
-  runs = {}
+  runs, stats = {}, {}
   for name, ec in [("2 slots", SMALL),
                    ("tight pages", EngineConfig(num_slots=5, page_size=4, num_pages=40, prefill_chunk=8,
-                                                prefill_lanes=2))]:
+                                                prefill_lanes=2)),
+                   ("8 slots, lane buckets", EngineConfig(num_slots=8, page_size=4, num_pages=96, prefill_chunk=8)),
+                   ("8 slots, all lanes", EngineConfig(num_slots=8, page_size=4, num_pages=96, prefill_chunk=8,
+                                                       min_decode_lanes=8))]:
     engine = ContinuousEngine(graphdef, cfg, ec)
     runs[name] = jax.device_get(engine.generate(state, ids, mask, pv, grid, n=n, key=5))
+    stats[name] = engine.stats
     _assert_same_rollout(runs[name], static)
     if name == "tight pages":
       assert engine.stats["preemptions"] > 0
+  # Same schedule, fewer lanes computed: the drain runs in the small buckets.
+  bucketed, full = stats["8 slots, lane buckets"], stats["8 slots, all lanes"]
+  assert bucketed["steps"] == full["steps"] and full["lane_steps"] == 8 * full["steps"]
+  assert bucketed["lane_steps"] < full["lane_steps"]
+  assert bucketed["slot_utilisation"] > full["slot_utilisation"]
   # the n samples of a prompt differ
   tok = static.tokens_RxT
   assert any((tok[2 * r] != tok[2 * r + 1]).any() for r in range(len(ROWS)))
@@ -177,6 +259,16 @@ def test_text_only_and_bad_config(tiny):
     ContinuousEngine(graphdef, cfg, EngineConfig(num_pages=4, page_size=4)).generate(state, ids, mask, n=1)
   with pytest.raises(ValueError, match="num_slots"):
     EngineConfig(num_slots=0)
+  with pytest.raises(ValueError, match="min_decode_lanes"):
+    EngineConfig(min_decode_lanes=0)
+
+
+def test_decode_lane_buckets():
+  assert EngineConfig(num_slots=64).decode_buckets == (1, 2, 4, 8, 16, 32, 64)
+  assert EngineConfig(num_slots=48, min_decode_lanes=8).decode_buckets == (8, 16, 32, 48)
+  assert EngineConfig(num_slots=8, min_decode_lanes=8).decode_buckets == (8,)
+  ec = EngineConfig(num_slots=48, min_decode_lanes=4)
+  assert [ec.decode_lanes(r) for r in (0, 1, 4, 5, 17, 33, 48)] == [4, 4, 4, 8, 32, 48, 48]
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [

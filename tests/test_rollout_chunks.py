@@ -1,4 +1,5 @@
-"""Rollouts generated in chunks of prompts equal one generate call over the whole batch."""
+"""Rollouts generated in chunks of prompts equal one generate call over the whole batch; the continuous
+engine's stream of chunks draws the samples of the static sampler's chunk-by-chunk calls."""
 
 import types
 
@@ -8,7 +9,7 @@ from flax import nnx
 import hf_utils as H
 from papo_jax import models
 from papo_jax.rollouts import prompt_chunks, sample_texts
-from papo_jax.sampling import Sampler, SamplingConfig
+from papo_jax.sampling import ContinuousEngine, EngineConfig, Sampler, SamplingConfig
 
 ROWS = [[5, "img", 7], [3, "img", 4], [12], [2, "img", 3, "img", 1]]
 GRIDS = [(1, 10, 14), (1, 8, 8), (1, 4, 8), (1, 8, 4)]
@@ -54,3 +55,23 @@ def test_chunked_greedy_rollout_equals_unchunked():
     np.testing.assert_array_equal(toks, whole[0])
     np.testing.assert_array_equal(mask, whole[1])
     assert texts == whole[2]
+
+
+def test_engine_stream_of_chunks_equals_static_chunk_by_chunk():
+  """Sampled (the per-chunk key rule matters), 2 slots: samples of different chunks share the slots."""
+  model = models.init_model(models.from_hf_dict(H.tiny_hf_config(tie=False).to_dict(), dtype="float32")
+                            .replace(hf_dict=None), seed=3)
+  graphdef, state = nnx.split(model)
+  cfg = SamplingConfig(max_new_tokens=6, temperature=1.0, cache_dtype="float32", stop_token_ids=(5, 9))
+  b = _batch()
+  kw = dict(n=2, key=0, tokenizer=_Tok(), stop_ids=())
+  engine = ContinuousEngine(graphdef, cfg, EngineConfig(num_slots=2, page_size=4, num_pages=64, prefill_chunk=8))
+  for chunk in (0, 1, 3):
+    want = sample_texts(Sampler(graphdef, cfg), state, b, chunk_prompts=chunk, **kw)
+    got = sample_texts(engine, state, b, chunk_prompts=chunk, **kw)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert got[2] == want[2]
+    assert len(set(got[1].sum(1).tolist())) > 1, "rows of one length would not test the scheduling"
+  whole = sample_texts(engine, state, b, **kw)[0]
+  assert (whole != got[0]).any(), "chunks draw from keys of their own"

@@ -245,6 +245,26 @@ def test_sigkill_mid_run_resumes_bit_exact(uninterrupted, tmp_path):
   assert [m["step"] for m in _metrics(wd)] == list(range(1, 13))
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("uninterrupted")
+def test_continuous_engine_trains_as_the_static_sampler(uninterrupted, tmp_path):
+  """The trainer with rollout.engine=continuous (4 slots for the step's 8 samples, so slots are reused)
+  logs the static sampler's run: the same samples, so the same rewards and losses."""
+  wd = str(tmp_path / "continuous")
+  r = _run(wd, *SMALL[1:], "--config.train.steps=3", "--config.rollout.engine=continuous",
+           "--config.rollout.num_slots=4", "--config.rollout.min_decode_lanes=1", "--config.rollout.prefill_chunk=32")
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  ref = {m["step"]: m for m in _metrics(uninterrupted)}
+  got = _metrics(wd)
+  assert [m["step"] for m in got] == [1, 2, 3]
+  for m in got:
+    want = ref[m["step"]]
+    for k in ("reward/overall", "reward/accuracy", "response_length/mean"):
+      assert m[k] == want[k], (m["step"], k)
+    for k in ("actor/pg_loss", "actor/kl_prcp", "actor/grad_norm"):
+      np.testing.assert_allclose(m[k], want[k], rtol=1e-4, atol=1e-7, err_msg=f"step {m['step']} {k}")
+
+
 def _compared(row):
   """A metrics row without its wall-clock keys (everything else is deterministic on CPU)."""
   return {k: v for k, v in row.items() if not k.startswith(("timing/", "throughput/"))}

@@ -12,15 +12,18 @@ engines produce exactly the same lengths and the comparison is on scheduling alo
 * **static**: :class:`~papo_jax.sampling.sampler.Sampler` over batches of ``--static_rows``
   rows (prompts x n); each batch decodes until its longest row ends. KV memory:
   rows x (prompt + max_new_tokens) tokens.
-* **continuous**: :class:`~papo_jax.sampling.engine.ContinuousEngine` with ``--slots`` decode
-  lanes and a page pool of the *same* KV bytes as the static cache (``--kv_pages`` overrides).
+* **continuous**: :class:`~papo_jax.sampling.engine.ContinuousEngine` with up to ``--slots``
+  running samples, decode lanes bucketed from ``--min_decode_lanes`` (``--min_decode_lanes`` =
+  ``--slots``: every step computes all slots), and a page pool of the *same* KV bytes as the
+  static cache (``--kv_pages`` overrides).
 
-Printed per engine: slot utilisation (real response tokens / slot-steps), response tokens/s
+Printed per engine: slot utilisation (response tokens / decode lane-steps computed), response tokens/s
 (wall time of a second, compiled run), KV bytes, steps, preemptions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -37,7 +40,8 @@ from papo_jax.sampling.engine import ContinuousEngine, EngineConfig
 from papo_jax.sampling.sampler import Sampler, SamplingConfig
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("engine", ["static", "continuous"], "Engines to run, in order.")
+flags.DEFINE_list("engine", ["static", "continuous"], "Engines to run, in order: static, continuous, "
+                  "continuous_full (the engine computing all --slots lanes every step).")
 flags.DEFINE_integer("prompts", 64, "Prompts in the workload.")
 flags.DEFINE_integer("n", 4, "Samples per prompt.")
 flags.DEFINE_integer("prompt_len", 48, "Prompt length (image tokens included), left padded.")
@@ -51,6 +55,7 @@ flags.DEFINE_integer("page_size", 16, "Continuous engine: tokens per KV page.")
 flags.DEFINE_integer("kv_pages", 0, "Continuous engine: pages (0: the static sampler's KV bytes).")
 flags.DEFINE_integer("prefill_chunk", 64, "Continuous engine: prompt tokens per prefill lane per step.")
 flags.DEFINE_integer("prefill_lanes", 1, "Continuous engine: prompts prefilled per step.")
+flags.DEFINE_integer("min_decode_lanes", 1, "Continuous engine: smallest decode-lane bucket (--slots: no buckets).")
 flags.DEFINE_integer("seed", 0, "Workload seed.")
 
 IMAGE_ID, VIDEO_ID, VSTART_ID, VEND_ID, BOS_ID, EOS_ID, PAD_ID = 20, 21, 22, 23, 1, 2, 0
@@ -179,7 +184,8 @@ def main(argv):
   pages = FLAGS.kv_pages or static_kv // (2 * cfg.text.num_hidden_layers * FLAGS.page_size *
                                           cfg.text.num_key_value_heads * cfg.text.head_dim * 4)
   engine_cfg = EngineConfig(num_slots=FLAGS.slots, page_size=FLAGS.page_size, num_pages=int(pages),
-                            prefill_chunk=FLAGS.prefill_chunk, prefill_lanes=FLAGS.prefill_lanes)
+                            prefill_chunk=FLAGS.prefill_chunk, prefill_lanes=FLAGS.prefill_lanes,
+                            min_decode_lanes=FLAGS.min_decode_lanes)
   print(f"\nrollout bench: hidden 256, 4 layers, vocab {cfg.text.vocab_size}, float32, {FLAGS.prompts} prompts x "
         f"n={n}, prompt_len={FLAGS.prompt_len}, image={FLAGS.image_side}px, lengths log-normal median "
         f"{FLAGS.median:g} p99 {FLAGS.p99:g} cap {t} (drawn: median {np.median(targets):.0f}, mean "
@@ -188,19 +194,23 @@ def main(argv):
   scfg = SamplingConfig(max_new_tokens=t, greedy=True, cache_dtype="float32", stop_token_ids=(EOS_ID,))
   sampler = Sampler(nnx.graphdef(bench_model), scfg)
   target_R = jnp.asarray(targets)
-  engine = ContinuousEngine(nnx.graphdef(model), scfg, engine_cfg,
-                            logits_processor=lambda l, seq, j: force_length(l, j, target_R[seq]))
+  forced = lambda l, seq, j: force_length(l, j, target_R[seq])
+  engines = {"continuous": ContinuousEngine(nnx.graphdef(model), scfg, engine_cfg, logits_processor=forced),
+             "continuous_full": ContinuousEngine(nnx.graphdef(model), scfg, dataclasses.replace(
+                 engine_cfg, min_decode_lanes=engine_cfg.num_slots), logits_processor=forced)}
   results = []
   for name in FLAGS.engine:
     if name == "static":
       fn = lambda: run_static(sampler, bench_model, ids, mask, pv, grid, targets, n=n, rows=rows, t=t)
       desc = f"static ({rows} rows/batch)"
-    elif name == "continuous":
-      fn = lambda: run_continuous(engine, model, ids, mask, pv, grid, n=n)
-      desc = (f"continuous ({engine_cfg.num_slots} slots, {engine_cfg.num_pages}x{engine_cfg.page_size} pages, "
-              f"chunk {engine_cfg.prefill_chunk}x{engine_cfg.prefill_lanes})")
+    elif name in engines:
+      engine = engines[name]
+      fn = lambda engine=engine: run_continuous(engine, model, ids, mask, pv, grid, n=n)
+      ec = engine.engine_cfg
+      desc = (f"{name} ({ec.num_slots} slots, {ec.num_pages}x{ec.page_size} pages, chunk "
+              f"{ec.prefill_chunk}x{ec.prefill_lanes}, lane buckets {','.join(map(str, ec.decode_buckets))})")
     else:
-      raise ValueError(f"--engine: unknown engine {name!r} (static, continuous)")
+      raise ValueError(f"--engine: unknown engine {name!r} (static, continuous, continuous_full)")
     t0 = time.perf_counter()
     fn()                                                # compile + warm-up
     compile_s = time.perf_counter() - t0
@@ -211,14 +221,13 @@ def main(argv):
       raise AssertionError(f"{name}: response lengths differ from the forced targets "
                            f"({int((lengths != targets).sum())} of {len(targets)} rows)")
     results.append((desc, compile_s, wall, targets.sum() / wall, stats))
-  print(f"{'engine':<52} {'warm-up s':>9} {'wall s':>7} {'tokens/s':>9} {'slot util':>9} {'KV MB':>7} "
-        f"{'steps':>6} {'preempt':>7}")
+  width = max(len(r[0]) for r in results)
+  print(f"{'engine':<{width}} {'warm-up s':>9} {'wall s':>7} {'tokens/s':>9} {'vs first':>8} {'slot util':>9} "
+        f"{'KV MB':>7} {'steps':>6} {'preempt':>7}")
   for desc, comp, wall, rate, st in results:
-    print(f"{desc:<52} {comp:>9.1f} {wall:>7.2f} {rate:>9.0f} {st['slot_utilisation']:>9.1%} "
-          f"{st['kv_bytes'] / 2**20:>7.1f} {st['steps']:>6} {st['preemptions']:>7}")
-  if len(results) == 2:
-    print(f"tokens/s ratio {results[1][0].split()[0]} / {results[0][0].split()[0]}: "
-          f"{results[1][3] / results[0][3]:.2f}x (all lengths equal the forced targets in both)")
+    print(f"{desc:<{width}} {comp:>9.1f} {wall:>7.2f} {rate:>9.0f} {rate / results[0][3]:>7.2f}x "
+          f"{st['slot_utilisation']:>9.1%} {st['kv_bytes'] / 2**20:>7.1f} {st['steps']:>6} {st['preemptions']:>7}")
+  print("(every engine's response lengths equal the forced targets)")
 
 
 if __name__ == "__main__":

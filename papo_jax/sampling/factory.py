@@ -12,9 +12,11 @@ ENGINES = ("static", "continuous")
 
 def engine_config(rollout) -> EngineConfig:
   """The continuous engine's static shapes from ``rollout.{num_slots, page_size, kv_pages, prefill_chunk,
-  prefill_lanes}``: its KV memory is ``kv_pages`` pages, not prompts x (prompt + max_new_tokens)."""
+  prefill_lanes, min_decode_lanes}``: its KV memory is ``kv_pages`` pages, not prompts x (prompt +
+  max_new_tokens)."""
   return EngineConfig(num_slots=rollout.num_slots, page_size=rollout.page_size, num_pages=rollout.kv_pages,
-                      prefill_chunk=rollout.prefill_chunk, prefill_lanes=rollout.prefill_lanes)
+                      prefill_chunk=rollout.prefill_chunk, prefill_lanes=rollout.prefill_lanes,
+                      min_decode_lanes=rollout.min_decode_lanes)
 
 
 def make_sampler(graphdef, cfg: SamplingConfig, rollout, mesh=None, rules=None):
