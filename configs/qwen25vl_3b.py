@@ -13,14 +13,15 @@ examples/configs/train_vppo_7b.sh: DAPO's sampling and clip, no ref KL, top 40% 
 dependency, advantage scale from 0.9, entropy penalty 0.06, n=8, 50% patch blackening; with n=8
 optim.micro_batches is 32, 32 rows per micro-batch) and papo_vppo (PAPO-G + VPPO's loss terms).
 Hardware: the paper used 2 x H100-80G. TPU (docs/tpu.md, measured with
-``python -m papo_jax.aot --config=configs/qwen25vl_3b.py:papo_g --topology=v5p:2x2x1 --layers=1``,
-extrapolated from 1- and 2-layer compiles): of the slices compiled, the smallest it fits is
-v5p-8 (4 chips; v6e-8 and v5e-16 are not compiled yet), with these defaults: FSDP over the
-4 chips (mesh.fsdp=-1), model.remat=True, optim.micro_batches=16 (40 rows per micro-batch, 10
-per chip): the update needs 47.8 of 95 GiB per chip (MFU bound 79%). v5e-8 does not fit,
-even at optim.micro_batches=80 (one row per chip per micro-batch): 27.8 GiB per chip of 16,
-because the compiled step keeps ~0.46 GiB per decoder layer per chip that does not shrink
-with the micro-batch. Rollouts run in chunks sized from the free HBM
+``python -m papo_jax.aot --config=configs/qwen25vl_3b.py:papo_g --topology=v5p:2x2x1 --layers=2``,
+extrapolated from 2- and 4-layer compiles): it fits v5p-8 (4 chips; v6e-8 and v5e-16 are not
+compiled yet) with these defaults: FSDP over the 4 chips (mesh.fsdp=-1), model.remat=True,
+optim.micro_batches=16 (40 rows per micro-batch, 10 per chip): the update needs 72.8 of 95 GiB
+per chip (MFU bound 79%). v5e-8 fits with
+--config.optim.micro_batches=80 (one row per chip per micro-batch): 14.7 GiB per chip of 16
+(--layers=2; MFU bound 59%; the decoder's explicit per-layer weight gathers and the
+vocabulary-split head keep ~0.15 GiB per layer per chip); micro_batches=40 (two rows per chip)
+needs 19.5 and does not. Rollouts run in chunks sized from the free HBM
 (rollout.chunk_prompts / kv_budget_gb; not compiled at full depth yet).
 With rollout.engine=continuous (one engine per chip: bf16 weights, 7.0 GiB, and its own page
 pool, beside the chip's 6.3 GiB share of the FSDP training state), the base config's 64 slots

@@ -190,7 +190,8 @@ def model_config(c, hf: dict, *, layers: int | None = None):
   from papo_jax import models
   from papo_jax.models.limits import max_image_patches
   mc = models.from_hf_dict(hf, dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat,
-                           attention=target_attention(c.model.attention), attention_block=c.model.attention_block)
+                           attention=target_attention(c.model.attention), attention_block=c.model.attention_block,
+                           gather_weights=c.model.gather_weights)
   mc = mc.replace(max_image_patches=max_image_patches(c.data.max_pixels, mc.vision.patch_size), hf_dict=None)
   if layers is not None:
     mc = shortened(mc, layers)

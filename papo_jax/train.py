@@ -227,7 +227,7 @@ def setup(c, workdir: str, mesh):
   patch, rules = models.load_config(model_path).vision.patch_size, mesh_rules(c)
   model = models.from_pretrained(model_path, dtype=c.model.dtype, param_dtype=c.model.param_dtype, mesh=mesh,
                                  rules=rules, remat=c.model.remat, attention=c.model.attention,
-                                 attention_block=c.model.attention_block,
+                                 attention_block=c.model.attention_block, gather_weights=c.model.gather_weights,
                                  max_image_patches=max_image_patches(c.data.max_pixels, patch))
   graphdef, params = nnx.split(model)
   mcfg = model.config

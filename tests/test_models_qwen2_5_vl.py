@@ -197,6 +197,24 @@ def test_sharded_8_devices_same_logits(tmp_path):
   out2 = np.asarray(fwd(nnx.split(direct)[1], ids, mask, pv, grid))
   np.testing.assert_allclose(out2, ref, atol=2e-5)
 
+  # model.gather_weights: the decoder gathers its weights explicitly; same logits and gradient
+  gathered = models.from_pretrained(str(tmp_path / "hf"), dtype="float32", mesh=mesh, gather_weights=True)
+  g_graphdef, g_state = nnx.split(gathered)
+  probe = jax.random.normal(jax.random.key(0), ref.shape)
+
+  def loss(graphdef_, state_):
+    with use_mesh_rules(mesh):
+      out = nnx.merge(graphdef_, state_)(ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid)
+    return jnp.sum(out * probe)
+
+  fns = {g: jax.jit(jax.value_and_grad(lambda st, g=g: loss(g, st))) for g in (graphdef, g_graphdef)}
+  (v0, g0), (v1, g1) = fns[graphdef](nnx.split(direct)[1]), fns[g_graphdef](g_state)
+  np.testing.assert_allclose(v1, v0, rtol=1e-5)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(g0), nnx.to_flat_state(g1)):
+    np.testing.assert_allclose(np.asarray(b.get_value()), np.asarray(a.get_value()), atol=1e-5, err_msg=str(path))
+  assert "optimization_barrier" in fns[g_graphdef].lower(g_state).as_text()
+  assert "optimization_barrier" not in fns[graphdef].lower(nnx.split(direct)[1]).as_text()
+
 
 def test_bf16_close_to_transformers_bf16(tmp_path):
   """bf16 weights and activations on both sides.

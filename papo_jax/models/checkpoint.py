@@ -142,15 +142,16 @@ def abstract_model(config: ModelConfig) -> Qwen25VL:
 
 def from_pretrained(path: str, *, dtype: str = "bfloat16", param_dtype: str | None = None, mesh=None,
                     rules=DEFAULT_RULES, remat: bool = False, attention: str = "xla", attention_block: int = 512,
-                    max_image_patches: int = 0) -> Qwen25VL:
+                    max_image_patches: int = 0, gather_weights: bool = False) -> Qwen25VL:
   """Loads ``config.json`` + safetensors from a local directory into an NNX model.
 
   With a mesh, every tensor goes straight to its sharding from the logical-axis rules.
-  ``attention``/``attention_block``/``max_image_patches``: see :class:`ModelConfig`.
+  ``attention``/``attention_block``/``max_image_patches``/``gather_weights``: see :class:`ModelConfig`.
   """
   param_dtype = param_dtype or dtype
   config = load_config(path, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention,
-                       attention_block=attention_block, max_image_patches=max_image_patches)
+                       attention_block=attention_block, max_image_patches=max_image_patches,
+                       gather_weights=gather_weights)
   model = abstract_model(config)
   graphdef, state = nnx.split(model)
   shardings = state_shardings(state, mesh, rules) if mesh is not None else None

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from papo_jax.parallel.sharding import constrain_gathered, current_mesh_rules
+
 _INIT_STD = 0.02
 
 
@@ -22,17 +24,42 @@ def param(rngs: nnx.Rngs | None, shape: Sequence[int], dtype, axes: Sequence[str
   return nnx.Param(value, logical_axes=tuple(axes))
 
 
+def gathered_at(w: jax.Array, x: jax.Array, names: Sequence[str | None]) -> tuple[jax.Array, jax.Array]:
+  """(``w`` gathered over the FSDP axes, ``x``): an explicit all-gather of a weight already in the
+  compute dtype (logical axes ``names``), issued only once its layer's input ``x`` exists.
+
+  The optimisation barrier ties the gather to ``x``. Without it the TPU compiler gathers every
+  layer's weights (or allocates every layer's collective-matmul output) at the top of the
+  micro-batch and shares one gather between the forward and the rematerialised backward, so all
+  layers' gathered weights are live at the step's peak. Identity outside a mesh
+  (:func:`papo_jax.parallel.use_mesh_rules`).
+  """
+  if current_mesh_rules() is None:
+    return w, x
+  w, x = jax.lax.optimization_barrier((w, x))
+  return constrain_gathered(w, names), x
+
+
 class Dense(nnx.Module):
-  """y = x @ kernel (+ bias); kernel is [in, out] (HF's weight transposed)."""
+  """y = x @ kernel (+ bias); kernel is [in, out] (HF's weight transposed).
+
+  ``gather``: under a mesh, the kernel is cast to the compute dtype, then gathered over the FSDP
+  axes at the call (:func:`gathered_at`) instead of being left to the partitioner (the decoder's
+  layers).
+  """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: tuple[str | None, str | None],
-               dtype, param_dtype, rngs: nnx.Rngs):
+               dtype, param_dtype, rngs: nnx.Rngs, gather: bool = False):
     self.kernel = param(rngs, (in_features, out_features), param_dtype, axes)
     self.bias = param(rngs, (out_features,), param_dtype, (axes[1],), init="zeros") if use_bias else None
     self.dtype = dtype
+    self.gather, self.axes = gather, tuple(axes)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel.get_value().astype(self.dtype))
+    w = self.kernel.get_value().astype(self.dtype)
+    if self.gather:
+      w, x = gathered_at(w, x, self.axes)
+    y = jnp.dot(x.astype(self.dtype), w)
     if self.bias is not None:
       y = y + self.bias.get_value().astype(self.dtype)
     return y

@@ -23,7 +23,7 @@ from papo_jax.models.config import ModelConfig, TextConfig
 from papo_jax.models.layers import Dense, RMSNorm, apply_rope, remat_call, resolve_remat, softmax_attention
 from papo_jax.models.positions import check_image_tokens, get_rope_index, shared_positions
 from papo_jax.models.vision import SharedImages, VisionTower, encode_shards, gather_shard_rows, shared_image_index
-from papo_jax.parallel import constrain
+from papo_jax.parallel import constrain, constrain_split
 
 
 class KVCache(NamedTuple):
@@ -63,9 +63,10 @@ def mrope_cos_sin(position_ids_3xBxL: jax.Array, cfg: TextConfig, dtype):
 
 class Attention(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs, backend: str = "xla", block: int = 512):
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs, backend: str = "xla", block: int = 512,
+               gather: bool = False):
     d, h, kvh, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, gather=gather)
     bias = cfg.attention_bias
     self.q_proj = Dense(d, h * hd, use_bias=bias, axes=("embed", "heads"), **kw)
     self.k_proj = Dense(d, kvh * hd, use_bias=bias, axes=("embed", "kv_heads"), **kw)
@@ -121,8 +122,8 @@ class AttnMask(NamedTuple):
 
 class MLP(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs):
-    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs, gather: bool = False):
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs, gather=gather)
     self.gate_proj = Dense(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
     self.up_proj = Dense(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
     self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
@@ -133,11 +134,13 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs, backend: str = "xla", block: int = 512):
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs, backend: str = "xla", block: int = 512,
+               gather: bool = False):
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-    self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend, block=block)
-    self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend, block=block,
+                               gather=gather)
+    self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, gather=gather)
 
   def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
     h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, cache_index)
@@ -148,12 +151,13 @@ class DecoderLayer(nnx.Module):
 
 class TextModel(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs, backend: str = "xla", block: int = 512):
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs, backend: str = "xla", block: int = 512,
+               gather: bool = False):
     self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                   embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
     self.embed_tokens.embedding.set_metadata("logical_axes", ("vocab", "embed"))
     self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend,
-                                         block=block)
+                                         block=block, gather=gather)
                             for _ in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
@@ -176,7 +180,7 @@ class Qwen25VL(nnx.Module):
                                         rngs=rngs, backend=backend, block=config.attention_block,
                                         max_image_patches=config.max_image_patches)
     self.model = TextModel(config.text, dtype=dtype, param_dtype=pdtype, rngs=rngs, backend=backend,
-                           block=config.attention_block)
+                           block=config.attention_block, gather=config.gather_weights)
     if config.tie_word_embeddings:
       self.lm_head = None
     else:
@@ -246,14 +250,22 @@ class Qwen25VL(nnx.Module):
     x = self.model.norm(x)
     return x, (None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v)))
 
-  def logits(self, hidden_BxLxD, dtype=None):
-    """lm_head (tied to the embedding when configured); ``dtype`` sets the output precision."""
+  def logits(self, hidden_BxLxD, dtype=None, vocab_split: bool = False):
+    """lm_head (tied to the embedding when configured); ``dtype`` sets the output precision.
+
+    ``vocab_split`` (under a mesh): every device takes all rows and a slice of the vocabulary, so
+    the [V, D] weight is never gathered whole nor its gradient formed whole per device (the
+    training head); the logits come out split over the vocabulary.
+    """
     out_dtype = hidden_BxLxD.dtype if dtype is None else dtype
-    if self.lm_head is None:
-      w = self.model.embed_tokens.embedding.get_value().astype(hidden_BxLxD.dtype)   # [V, D]
-      return jnp.einsum("bld,vd->blv", hidden_BxLxD, w, preferred_element_type=out_dtype).astype(out_dtype)
-    w = self.lm_head.kernel.get_value().astype(hidden_BxLxD.dtype)                  # [D, V]
-    return jnp.einsum("bld,dv->blv", hidden_BxLxD, w, preferred_element_type=out_dtype).astype(out_dtype)
+    tied = self.lm_head is None
+    w = (self.model.embed_tokens.embedding if tied else self.lm_head.kernel).get_value().astype(hidden_BxLxD.dtype)
+    if vocab_split:
+      hidden_BxLxD = constrain(hidden_BxLxD, (None,) * hidden_BxLxD.ndim)
+      w = constrain_split(w, 0 if tied else 1)
+    out = jnp.einsum("bld,vd->blv" if tied else "bld,dv->blv", hidden_BxLxD, w,
+                     preferred_element_type=out_dtype).astype(out_dtype)
+    return constrain_split(out, 2) if vocab_split else out
 
   # -- full forward -----------------------------------------------------------------------
 

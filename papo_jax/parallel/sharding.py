@@ -191,3 +191,33 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   mesh, rules = ctx
   spec = _fit_spec(logical_to_mesh_spec(names, rules, mesh), x.shape, mesh)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def constrain_gathered(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """``x`` pinned to its logical sharding less the ``data`` / ``fsdp`` axes: an FSDP weight
+  gathered whole on every device (tensor-parallel axes kept). A no-op outside
+  :func:`use_mesh_rules`."""
+  ctx = _CONTEXT.get()
+  if ctx is None:
+    return x
+  mesh, rules = ctx
+  spec = _fit_spec(logical_to_mesh_spec(names, rules, mesh), x.shape, mesh)
+  kept = []
+  for axes in spec:
+    tup = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    tup = tuple(a for a in tup if a not in ("data", "fsdp"))
+    kept.append(None if not tup else tup[0] if len(tup) == 1 else tup)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*kept)))
+
+
+def constrain_split(x: jax.Array, dim: int) -> jax.Array:
+  """``x`` split along ``dim`` over the batch mesh axes (``data`` x ``fsdp``), whole along the
+  others. A no-op outside :func:`use_mesh_rules`."""
+  ctx = _CONTEXT.get()
+  if ctx is None:
+    return x
+  mesh, rules = ctx
+  names = [None] * x.ndim
+  names[dim] = "batch"
+  spec = _fit_spec(logical_to_mesh_spec(names, rules, mesh), x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

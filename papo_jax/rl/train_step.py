@@ -179,7 +179,8 @@ def chunked_token_logprobs(model, h_BxTxD: Array, targets_BxT: Array, chunk: int
 
   @jax.checkpoint
   def one(h_BxCxD, y_BxC):
-    logits = model.logits(h_BxCxD, dtype=jnp.float32)
+    # Split over the vocabulary: the tied [V, D] head is neither gathered nor its gradient formed whole per device.
+    logits = model.logits(h_BxCxD, dtype=jnp.float32, vocab_split=True)
     tgt = jnp.take_along_axis(logits, y_BxC[..., None], -1)[..., 0]
     return tgt - jax.nn.logsumexp(logits, axis=-1)
 
