@@ -68,7 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
       attention="auto",        # auto | xla | cudnn | pallas_tpu (papo_jax/models/attention.py)
       attention_block=512,     # Pallas TPU splash block size
       # FSDP: each decoder layer gathers its bf16 weights where it runs (models/config.py
-      # ModelConfig.gather_weights): on for few rows per chip (3B on v5e-8), off for many (v5p).
+      # ModelConfig.gather_weights; also splits the log-prob head over the vocabulary): on for few
+      # rows per chip (3B on v5e-8), off for many (v5p).
       gather_weights=False,
       # init=tiny_random: family qwen2_5_vl | qwen3_vl (its DeepStack feeds the first layers from
       # vision blocks 0..; a 4x4 position table).

@@ -215,6 +215,21 @@ def test_sharded_8_devices_same_logits(tmp_path):
   assert "optimization_barrier" in fns[g_graphdef].lower(g_state).as_text()
   assert "optimization_barrier" not in fns[graphdef].lower(nnx.split(direct)[1]).as_text()
 
+  # ... and the log-prob head split over the vocabulary (values and gradient)
+  from papo_jax.rl.train_step import chunked_token_logprobs
+  h = jax.random.normal(jax.random.key(1), (4, 12, model.config.text.hidden_size))
+  y = jax.random.randint(jax.random.key(2), (4, 12), 0, model.config.text.vocab_size)
+
+  def head(graphdef_, state_):
+    with use_mesh_rules(mesh):
+      return jnp.sum(chunked_token_logprobs(nnx.merge(graphdef_, state_), h, y, 4) * probe[:, :12, 0])
+
+  (v0, g0) = jax.jit(jax.value_and_grad(lambda st: head(graphdef, st)))(nnx.split(direct)[1])
+  (v1, g1) = jax.jit(jax.value_and_grad(lambda st: head(g_graphdef, st)))(g_state)
+  np.testing.assert_allclose(v1, v0, rtol=1e-5)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(g0), nnx.to_flat_state(g1)):
+    np.testing.assert_allclose(np.asarray(b.get_value()), np.asarray(a.get_value()), atol=1e-5, err_msg=str(path))
+
 
 def test_bf16_close_to_transformers_bf16(tmp_path):
   """bf16 weights and activations on both sides.

@@ -90,10 +90,11 @@ class ModelConfig:
   remat: bool = False           # rematerialise each decoder / vision block in backward
   attention: str = "xla"        # attention backend: auto | xla | cudnn | pallas_tpu (models/attention.py)
   attention_block: int = 512    # Pallas TPU splash block size (queries and keys)
-  # Under an FSDP mesh: each decoder layer casts its weights to the compute dtype and gathers them
-  # where the layer runs (layers.gathered_at), instead of leaving the gathers to the partitioner.
-  # Fewer temporaries with few rows per chip (3B on v5e-8: 27.8 -> 14.7 GiB), more with many
-  # (3B on v5p-8 at 10 rows per chip: 47.8 -> 72.8 GiB); docs/tpu.md.
+  # Under an FSDP mesh, the layout for few rows per chip: each decoder layer casts its weights to
+  # the compute dtype and gathers them where the layer runs (layers.gathered_at), instead of
+  # leaving the gathers to the partitioner, and the log-prob head is split over the vocabulary
+  # (rl.train_step.chunked_token_logprobs). 3B on v5e-8 at one row per chip: 27.8 -> 14.7 GiB;
+  # at 10 rows per chip (3B on v5p-8) it costs memory: 47.8 -> 72.8 GiB (docs/tpu.md).
   gather_weights: bool = False
   # Vision full-attention layers attend per image, each padded to this many patches
   # (memory linear in images); 0: one segment-masked sequence over all patches.
