@@ -337,7 +337,7 @@ class ContinuousEngine:
         chunk_N, seq_N - chunk_first_seq_C[chunk_N], tidx_N)
     c_ = self.cfg
     tok_N, lp_N, raw_N = sample_tokens(logits_N, keys_N, temperature=c_.temperature, top_k=c_.top_k, top_p=c_.top_p,
-                                       greedy=c_.greedy, banned_ids=banned)
+                                       greedy=c_.greedy, banned_ids=banned, top_p_candidates=c_.top_p_candidates)
     return PagedKVCache(tuple(pools)), (tok_N, lp_N, raw_N)
 
   # -- host loop ---------------------------------------------------------------------------
